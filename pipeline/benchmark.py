@@ -1,0 +1,94 @@
+"""Stage 6, benchmark: every artifact on the execution providers of the target that the installed
+onnxruntime offers, each in a fresh process (bench_runner.py) with the same inputs and threads.
+
+Ratios (speedup, size) are against the fp32 artifact measured in the same build; absolute times
+on a shared machine drift, ratios taken minutes apart on the same machine much less.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.core import BuildContext, EdgeqError, StageResult, model_size_bytes
+
+RUNNER = Path(__file__).with_name("bench_runner.py")
+BENCH_INPUTS = "work/bench_inputs.npz"
+
+
+def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """A batch of `seq_len` real tokens (held-out text, concatenated), so no position is padding."""
+    from edgeq.calib import TextFeeds, model_feeds, read_npz, read_texts
+
+    eval_path = Path(ctx.config["evaluation"]["path"])
+    if eval_path.suffix.lower() == ".npz":
+        arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation")
+        return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
+    text = " ".join(read_texts(eval_path, limit=200, what="evaluation"))
+    feeds = model_feeds(TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], seq_len)([text], pad_to=seq_len))
+    return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def run_one(model: Path, inputs: Path, provider: str, threads: int, warmup: int, runs: int) -> dict:
+    spec = {"model": str(model), "inputs": str(inputs), "provider": provider, "threads": threads,
+            "warmup": warmup, "runs": runs}
+    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"runner exited {proc.returncode}: {err}"}
+    return json.loads(lines[-1])
+
+
+def run(ctx: BuildContext) -> StageResult:
+    cfg = ctx.config["benchmark"]
+    inputs = ctx.path(BENCH_INPUTS)
+    inputs.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(inputs, **bench_inputs(ctx, cfg["batch_size"], cfg["seq_len"]))
+    have = set(available_providers())
+    eps: dict[str, str] = {}
+    for ep in ctx.target.execution_providers:
+        eps[ep] = "measured" if ep in have else f"unavailable: not in this onnxruntime build ({sorted(have)})"
+    measured = [ep for ep, s in eps.items() if s == "measured"]
+    if not measured:
+        raise EdgeqError(f"none of target {ctx.target.name}'s execution providers are available here")
+    threads = cfg["threads"] or os.cpu_count() or 1
+    results: dict[str, dict[str, dict]] = {}
+    for ep in measured:
+        for a in ctx.artifacts:
+            ctx.log(f"  benchmark {a.name} on {ep}")
+            r = run_one(ctx.path(a.path), inputs, ep, threads, cfg["warmup"], cfg["runs"])
+            results.setdefault(a.name, {})[ep] = r
+    primary = measured[0]
+    fp32 = results["fp32"][primary]
+    fp32_size = model_size_bytes(ctx.path("model.fp32.onnx"))
+    for a in ctx.artifacts:
+        r = results[a.name][primary]
+        size = model_size_bytes(ctx.path(a.path))
+        a.metrics["size_bytes"] = size
+        a.metrics["size_vs_fp32"] = round(size / fp32_size, 4)
+        a.metrics["benchmark"] = results[a.name]
+        if "error" in r:
+            a.metrics["benchmark_error"] = r["error"]
+            continue
+        for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb"):
+            a.metrics[k] = r[k]
+        if "error" not in fp32:
+            a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
+    return StageResult(
+        settings={"batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"], "threads": threads,
+                  "warmup": cfg["warmup"], "runs": cfg["runs"], "process": "fresh process per artifact",
+                  "primary_provider": primary},
+        metrics={"execution_providers": eps},
+    )

@@ -1,0 +1,185 @@
+"""Stage 3, calibrate: activation ranges for static int8 from representative data.
+
+Why not onnxruntime.quantization's calibrators as they are: they keep every intermediate output of
+every batch until the end (memory grows with the sample count) and their histogram collectors fail
+on batches of different sequence lengths ("inhomogeneous shape"). Here the model runs batch by batch
+and each batch is folded into running min/max or into ORT's own HistogramCollector at once, so
+memory stays flat and variable-length batches are fine. The ranges are written in ORT's calibration
+cache format, which `quantize_static(calibration_cache_path=...)` reads back, and reused on re-runs
+while the model, data and settings are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+
+import numpy as np
+
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, sha256_file, sha256_json
+
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+
+
+def tensors_to_calibrate(model, op_types) -> list[str]:
+    """Float activations (not weights) that feed or leave nodes of the given op types."""
+    import onnx
+
+    vi = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    inits = {i.name for i in model.graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    names: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for t in list(node.input) + list(node.output):
+            if t and t not in inits and t in vi and vi[t].type.tensor_type.elem_type in floats and t not in names:
+                names.append(t)
+    return names
+
+
+class RangeCollector:
+    """Folds batches of activations into ranges with memory independent of the number of batches."""
+
+    def __init__(self, method: str, percentile: float = 99.999, symmetric: bool = False):
+        self.method = method
+        self.minmax: dict[str, list[np.ndarray]] = {}
+        self.hist = None
+        if method != "minmax":
+            from onnxruntime.quantization.calibrate import HistogramCollector
+
+            self.hist = HistogramCollector(method=method, symmetric=symmetric, num_bins=2048 if method != "entropy" else 128,
+                                           num_quantized_bins=128, percentile=percentile, scenario="same")
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if self.hist is None:
+            lo, hi = value.min(), value.max()
+            if name in self.minmax:
+                old = self.minmax[name]
+                lo, hi = min(old[0], lo), max(old[1], hi)
+            self.minmax[name] = [np.float32(lo), np.float32(hi)]
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
+                self.hist.collect({name: value.reshape(-1)})
+
+    def result(self):
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+        if self.hist is None:
+            data = {k: TensorData(lowest=np.array(v[0], np.float32), highest=np.array(v[1], np.float32))
+                    for k, v in self.minmax.items()}
+            return TensorsData(CalibrationMethod.MinMax, data)
+        with contextlib.redirect_stdout(io.StringIO()):
+            raw = self.hist.compute_collection_result()
+        data = {}
+        for k, v in raw.items():
+            if isinstance(v, TensorData):  # distribution: keep what the quantizer reads, drop histograms
+                kw = {a: getattr(v, a) for a in ("lowest", "highest", "avg", "std") if hasattr(v, a)}
+            else:
+                kw = {"lowest": np.asarray(v[0], np.float32), "highest": np.asarray(v[1], np.float32)}
+            data[k] = TensorData(**kw)
+        return TensorsData(getattr(CalibrationMethod, METHODS[self.method]), data)
+
+
+def run(ctx: BuildContext) -> StageResult:
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from edgeq.calib import model_feeds
+
+    cfg = ctx.config
+    method = cfg["calibration"]["method"]
+    limit = cfg["calibration"]["samples"]
+    batch_size = cfg["calibration"]["batch_size"]
+    max_length = cfg["max_length"]
+    percentile = cfg["calibration"]["percentile"]
+    fp32 = ctx.path(Files.FP32)
+    calib_path = cfg["calibration"]["path"]
+    op_types = list(ctx.target.static.op_types)
+
+    samples = _load_samples(ctx, calib_path, limit)
+    ctx.facts["calibration_samples"] = samples
+    key = {
+        "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
+        "method": method, "percentile": percentile if method == "percentile" else None,
+        "op_types": op_types, "max_length": max_length,
+    }
+    ranges_path = ctx.path(Files.ranges(method))
+    meta_path = ranges_path.with_suffix(".meta.json")
+    settings = {"method": method, "samples": len(samples) if isinstance(samples, list) else
+                len(next(iter(samples.values()))), "batch_size": batch_size, "max_length": max_length,
+                "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
+    if ranges_path.is_file() and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()).get("key") == key:
+                ctx.facts["ranges_path"] = ranges_path
+                return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
+                                   metrics=json.loads(meta_path.read_text()).get("metrics", {}))
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache is recomputed
+
+    model = onnx.load(str(fp32))
+    names = tensors_to_calibrate(model, set(op_types))
+    if not names:
+        raise EdgeqError(f"the model has no {'/'.join(op_types)} nodes to calibrate for static quantization")
+    have = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ranges of the graph as saved
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    collector = RangeCollector(method, percentile=percentile, symmetric=ctx.target.static.activation_symmetric)
+    t0 = time.perf_counter()
+    batches = 0
+    for feeds in _feed_batches(ctx, samples, batch_size):
+        outs = sess.run(names, model_feeds(feeds))
+        for n, v in zip(names, outs):
+            collector.add(n, v)
+        batches += 1
+    ranges = collector.result()
+    save_tensors_data(ranges, ranges_path)
+    metrics = {"tensors": len(names), "batches": batches, "collect_seconds": round(time.perf_counter() - t0, 3)}
+    meta_path.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
+    ctx.facts["ranges_path"] = ranges_path
+    return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
+
+
+def _samples_sha256(samples) -> str:
+    if isinstance(samples, list):
+        return sha256_json(samples)
+    h = hashlib.sha256()
+    for k in sorted(samples):
+        h.update(k.encode() + str(samples[k].shape).encode() + str(samples[k].dtype).encode())
+        h.update(np.ascontiguousarray(samples[k]).tobytes())
+    return h.hexdigest()
+
+
+def _load_samples(ctx: BuildContext, calib_path: str, limit: int):
+    from pathlib import Path
+
+    from edgeq.calib import read_npz, read_texts
+
+    path = Path(calib_path)
+    if path.suffix.lower() == ".npz":
+        arrays = read_npz(path, ctx.facts["input_names"])
+        return {k: v[:limit] for k, v in arrays.items()}
+    if ctx.facts.get("tokenizer") is None:
+        raise EdgeqError("text calibration data needs a tokenizer: pass --tokenizer DIR, or calibration tensors as .npz")
+    return read_texts(path, limit=limit, text_field=ctx.config["calibration"]["text_field"])
+
+
+def _feed_batches(ctx: BuildContext, samples, batch_size: int):
+    from edgeq.calib import TextFeeds
+
+    if isinstance(samples, dict):
+        n = len(next(iter(samples.values())))
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in samples.items()}
+        return
+    feeds = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
+    yield from feeds.batches(samples, batch_size)

@@ -1,0 +1,165 @@
+"""Stage 1, export: a Hugging Face model directory becomes ONNX through optimum's exporter, and the
+ONNX outputs are checked against PyTorch's on real text. A given .onnx file is checked with
+onnx.checker and used as is.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, onnx_files, sha256_file
+
+# Architectures -> optimum task. Everything else in an encoder config exports as feature extraction.
+_TASK_BY_ARCH_SUFFIX = {
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+}
+SUPPORTED_TASKS = ("feature-extraction", "text-classification")
+
+
+def infer_task(config: dict) -> str:
+    for arch in config.get("architectures") or []:
+        for suffix, task in _TASK_BY_ARCH_SUFFIX.items():
+            if arch.endswith(suffix):
+                return task
+    return "feature-extraction"
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeqError(f"{cfg}: invalid JSON ({e})") from None
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker on a path (so models with external data and >2 GB work), as a user error."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
+
+
+def run(ctx: BuildContext) -> StageResult:
+    out_dir = ctx.path(Files.EXPORT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.model_kind == "onnx":
+        return _take_onnx(ctx, out_dir)
+    return _export_hf(ctx, out_dir)
+
+
+def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
+    src = ctx.model_path
+    check_onnx(src)
+    for f in onnx_files(src):  # the .onnx plus its external-data files, kept side by side
+        if not f.is_file():
+            raise EdgeqError(f"{src}: external data file missing: {f.name}")
+        shutil.copyfile(f, out_dir / ("model.onnx" if f == src else f.name))
+    # Tokenizer and config beside the .onnx (e.g. an optimum export dir), or given with --tokenizer.
+    tok_dir = Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else src.parent
+    _save_tokenizer(ctx, tok_dir, required=bool(ctx.config.get("tokenizer")))
+    cfg = tok_dir / "config.json"
+    ctx.facts["hf_config"] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    if ctx.facts["hf_config"]:
+        shutil.copyfile(cfg, ctx.path(Files.MODEL_CONFIG))
+    ctx.facts["task"] = ctx.config.get("task") or (infer_task(ctx.facts["hf_config"]) if ctx.facts["hf_config"]
+                                                   else "feature-extraction")
+    return StageResult(
+        settings={"source": str(src), "kind": "onnx"},
+        outputs=[Files.EXPORTED],
+        metrics={"source_sha256": sha256_file(src), "checker": "passed"},
+    )
+
+
+def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        if required:
+            raise EdgeqError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+        ctx.facts["tokenizer"] = None
+        return
+    tok.save_pretrained(str(ctx.path(Files.TOKENIZER_DIR)))
+    ctx.facts["tokenizer"] = tok
+
+
+def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
+    from optimum.exporters.onnx import main_export
+
+    model_dir = ctx.model_path
+    hf_config = read_hf_config(model_dir)
+    task = ctx.config.get("task") or infer_task(hf_config)
+    if task not in SUPPORTED_TASKS:
+        raise EdgeqError(f"task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
+    ctx.facts["hf_config"] = hf_config
+    ctx.facts["task"] = task
+    opset = ctx.target.opset
+    # optimum would infer library "sentence_transformers" for sentence-transformers dirs and export
+    # pooled outputs through a different code path; the plain transformers export keeps
+    # last_hidden_state, which we pool ourselves (mean over the attention mask).
+    try:
+        main_export(
+            str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
+            do_validation=False, local_files_only=True, trust_remote_code=False, device="cpu",
+        )
+    except EdgeqError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgeqError(f"cannot export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    shutil.copyfile(model_dir / "config.json", ctx.path(Files.MODEL_CONFIG))
+    _save_tokenizer(ctx, model_dir, required=True)
+    diff = _validate_against_torch(ctx, model_dir, out_dir / "model.onnx", task)
+    atol = float(ctx.config.get("export_atol", 1e-3))
+    if diff["max_abs_diff"] > atol:
+        raise EdgeqError(f"export validation failed: ONNX differs from PyTorch by {diff['max_abs_diff']:.2e} "
+                         f"(> atol {atol:g})")
+    return StageResult(
+        settings={"source": str(model_dir), "kind": "hf", "task": task, "opset": opset,
+                  "exporter": "optimum.exporters.onnx.main_export", "atol": atol},
+        outputs=[Files.EXPORTED, Files.TOKENIZER_DIR, Files.MODEL_CONFIG],
+        metrics={**diff, "weights_sha256": _weights_sha256(model_dir)},
+    )
+
+
+def _weights_sha256(model_dir: Path) -> dict[str, str]:
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    return {p.name: sha256_file(p) for p in files}
+
+
+def _validate_against_torch(ctx: BuildContext, model_dir: Path, onnx_path: Path, task: str) -> dict:
+    """Run PyTorch and the exported ONNX on the same real sentences; report the largest difference
+    of the primary output over real (unpadded) tokens."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from edgeq.calib import default_eval_path, read_texts
+
+    cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False).eval()
+    texts = read_texts(default_eval_path(), limit=8, what="evaluation")
+    enc = ctx.facts["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {n: enc[n].numpy().astype(np.int64) for n in names}
+    with torch.no_grad():
+        ref = model(**{n: enc[n] for n in names})
+    ref = (ref.logits if task == "text-classification" else ref.last_hidden_state).numpy()
+    got = sess.run(None, feeds)[0]
+    if task == "feature-extraction":
+        mask = enc["attention_mask"].numpy().astype(bool)
+        ref, got = ref[mask], got[mask]
+    d = np.abs(ref - got)
+    return {"validation_samples": len(texts), "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean())}
+

@@ -1,0 +1,94 @@
+"""Stage 2, optimize: onnxruntime.transformers fusions (attention, layer norm, GELU, embeddings) where
+the model type has them, then onnxruntime.quantization's pre-processing (symbolic shape inference,
+which the quantizer needs). The result is the fp32 artifact every other artifact is compared with.
+
+Fusions run with opt_level=0: ONNX Runtime's own graph optimizations are left for load time on the
+device, so the saved graph stays portable across execution providers.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from edgeq.core import Artifact, BuildContext, Files, StageResult
+
+# Hugging Face model types whose graphs onnxruntime.transformers' "bert" fusions understand.
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "albert"}
+_LARGE = 1_800_000_000  # protobuf's limit is 2 GiB: larger models keep weights in external data
+
+
+def fusion_plan(hf_config: dict) -> dict:
+    """Which onnxruntime.transformers optimizer settings apply to this model (or none)."""
+    mtype = hf_config.get("model_type")
+    if mtype in BERT_LIKE:
+        heads = hf_config.get("num_attention_heads", hf_config.get("n_heads", 0))
+        hidden = hf_config.get("hidden_size", hf_config.get("dim", 0))
+        return {"model_type": "bert", "num_heads": int(heads), "hidden_size": int(hidden)}
+    if not hf_config:
+        # A bare .onnx: try the BERT fusions with head count and width detected from the graph; they
+        # only rewrite the patterns they recognise.
+        return {"model_type": "bert", "num_heads": 0, "hidden_size": 0}
+    return {}
+
+
+def op_histogram(model) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def run(ctx: BuildContext) -> StageResult:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = ctx.path(Files.EXPORTED)
+    fused = ctx.path(Files.FUSED)
+    out = ctx.path(Files.FP32)
+    before = onnx.load(str(src), load_external_data=False)
+    large = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > _LARGE
+    plan = fusion_plan(ctx.facts.get("hf_config") or {})
+    fused_ops: dict[str, int] = {}
+    notes = []
+    if plan:
+        fused_ops = _fuse(src, fused, plan, large)
+        if fused_ops is None:
+            notes.append("onnxruntime.transformers fusions failed; continuing with the unfused graph")
+            fused_ops = {}
+            fused = src
+    else:
+        notes.append(f"no onnxruntime.transformers fusions for model type {ctx.facts['hf_config'].get('model_type')!r}")
+        fused = src
+    try:
+        quant_pre_process(str(fused), str(out), skip_optimization=True, save_as_external_data=large)
+        shape_inference = "symbolic"
+    except Exception as e:  # symbolic shape inference gives up on some graphs; ONNX's is enough then
+        notes.append(f"symbolic shape inference failed ({type(e).__name__}); used ONNX shape inference")
+        quant_pre_process(str(fused), str(out), skip_optimization=True, skip_symbolic_shape=True,
+                          save_as_external_data=large)
+        shape_inference = "onnx"
+    after = onnx.load(str(out), load_external_data=False)
+    ctx.facts["input_names"] = [i.name for i in after.graph.input]
+    ctx.facts["output_names"] = [o.name for o in after.graph.output]
+    ctx.artifacts.append(Artifact(name="fp32", path=Files.FP32, precision="fp32",
+                                  recipe={"fusions": plan or None}))
+    return StageResult(
+        settings={"fusion": plan or None, "opt_level": 0, "shape_inference": shape_inference,
+                  "external_data": large},
+        outputs=[Files.FP32],
+        metrics={"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node),
+                 "fused_ops": {k: v for k, v in fused_ops.items() if v}, "ops_after": op_histogram(after),
+                 "notes": notes},
+    )
+
+
+def _fuse(src: Path, dst: Path, plan: dict, large: bool) -> dict[str, int] | None:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        opts = FusionOptions(plan["model_type"])
+        model = optimize_model(str(src), model_type=plan["model_type"], num_heads=plan["num_heads"],
+                               hidden_size=plan["hidden_size"], optimization_options=opts, opt_level=0)
+        model.save_model_to_file(str(dst), use_external_data_format=large)
+        return model.get_fused_operator_statistics()
+    except Exception:
+        dst.unlink(missing_ok=True)
+        return None

@@ -1,0 +1,115 @@
+"""Stage 4, quantize: static int8 (calibrated activation ranges) and dynamic int8 (activation scales
+computed at run time) with onnxruntime.quantization, every setting taken from the target profile.
+
+The static recipe keeps float the MatMuls whose activation input comes out of a GELU-family op
+(profile key `keep_float_after`): those tensors carry token-wise outliers that no single static
+per-tensor scale can represent (see targets/x86_64.toml and the README for the measurements).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
+
+_QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
+_METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+
+
+def nodes_kept_float(model, op_types, after_ops) -> list[dict]:
+    """Nodes of `op_types` whose first (activation) input is produced by one of `after_ops`."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    kept = []
+    for n in model.graph.node:
+        if n.op_type in op_types and n.input and n.input[0] in producer:
+            src = producer[n.input[0]]
+            if src.op_type in after_ops:
+                kept.append({"node": n.name, "op_type": n.op_type,
+                             "reason": f"activation input comes from {src.op_type} (token-wise outliers)"})
+    return kept
+
+
+def run(ctx: BuildContext) -> StageResult:
+    modes = ctx.config["modes"]
+    settings: dict = {}
+    outputs: list[str] = []
+    metrics: dict = {}
+    # ORT's quantizer logs a pre-processing hint at WARNING even for pre-processed models in some cases
+    logging.getLogger().setLevel(logging.ERROR)
+    if "static" in modes:
+        s, m = _static(ctx)
+        settings["static"], metrics["static"] = s, m
+        outputs.append(Files.quantized("int8-static"))
+    if "dynamic" in modes:
+        s, m = _dynamic(ctx)
+        settings["dynamic"], metrics["dynamic"] = s, m
+        outputs.append(Files.quantized("int8-dynamic"))
+    return StageResult(settings=settings, outputs=outputs, metrics=metrics)
+
+
+def _common_extra() -> dict:
+    import onnx
+
+    # DefaultTensorType: the fused graph has contrib ops (Attention, SkipLayerNormalization) whose
+    # outputs ONNX shape inference cannot type; without a default the quantizer fails its type lookup.
+    # MatMulConstBOnly: only MatMuls with a constant weight; activation x activation MatMuls
+    # (attention scores in unfused graphs) are the most sensitive and gain little.
+    return {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
+
+
+def _static(ctx: BuildContext) -> tuple[dict, dict]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    r = ctx.target.static
+    method = ctx.config["calibration"]["method"]
+    src = ctx.path(Files.FP32)
+    out = ctx.path(Files.quantized("int8-static"))
+    model = onnx.load(str(src), load_external_data=False)
+    kept = nodes_kept_float(model, set(r.op_types), set(r.keep_float_after))
+    quantized = [n.name for n in model.graph.node if n.op_type in r.op_types and n.name not in {k["node"] for k in kept}]
+    if not quantized:
+        raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
+    extra = {**_common_extra(), "ActivationSymmetric": r.activation_symmetric, "WeightSymmetric": True}
+    settings = {"format": r.format, "activation_type": r.activation_type, "weight_type": r.weight_type,
+                "per_channel": r.per_channel, "reduce_range": r.reduce_range,
+                "activation_symmetric": r.activation_symmetric, "op_types": list(r.op_types),
+                "calibration": method, "keep_float_after": list(r.keep_float_after)}
+    quantize_static(
+        str(src), str(out), calibration_data_reader=None,
+        calibration_cache_path=str(ctx.facts["ranges_path"]),
+        calibrate_method=getattr(CalibrationMethod, _METHOD[method]),
+        quant_format=getattr(QuantFormat, r.format), op_types_to_quantize=list(r.op_types),
+        per_channel=r.per_channel, reduce_range=r.reduce_range,
+        activation_type=getattr(QuantType, _QTYPE[r.activation_type]),
+        weight_type=getattr(QuantType, _QTYPE[r.weight_type]),
+        nodes_to_exclude=[k["node"] for k in kept], extra_options=extra,
+    )
+    _check(out)
+    ctx.artifacts.append(Artifact(name="int8-static", path=Files.quantized("int8-static"), precision="int8",
+                                  recipe={"mode": "static", **settings, "kept_float": kept}))
+    return settings, {"quantized_nodes": len(quantized), "kept_float": kept,
+                      "size_bytes": model_size_bytes(out)}
+
+
+def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    r = ctx.target.dynamic
+    src = ctx.path(Files.FP32)
+    out = ctx.path(Files.quantized("int8-dynamic"))
+    settings = {"weight_type": r.weight_type, "per_channel": r.per_channel, "reduce_range": r.reduce_range,
+                "op_types": list(r.op_types), "activations": "uint8, scale computed per inference"}
+    quantize_dynamic(str(src), str(out), op_types_to_quantize=list(r.op_types), per_channel=r.per_channel,
+                     reduce_range=r.reduce_range, weight_type=getattr(QuantType, _QTYPE[r.weight_type]),
+                     extra_options=_common_extra())
+    _check(out)
+    ctx.artifacts.append(Artifact(name="int8-dynamic", path=Files.quantized("int8-dynamic"), precision="int8",
+                                  recipe={"mode": "dynamic", **settings}))
+    return settings, {"size_bytes": model_size_bytes(out)}
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))

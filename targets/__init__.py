@@ -1,0 +1,113 @@
+"""Target profiles: one declarative TOML file per device class in this folder.
+
+A profile decides everything that differs between devices: quantization format and types, which ops
+are quantized, whether fp16 compute exists, execution providers, opset and packaging. Adding a target
+is adding a file; this module only loads and validates them.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from edgeq.core import EdgeqError
+
+QUANT_TYPES = {"int8", "uint8"}
+FORMATS = {"QDQ", "QOperator"}
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+
+
+@dataclass(frozen=True)
+class StaticRecipe:
+    format: str = "QDQ"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_symmetric: bool = False
+    op_types: tuple[str, ...] = ("MatMul",)
+    keep_float_after: tuple[str, ...] = ()
+    calibration: str = "minmax"
+
+    def __post_init__(self) -> None:
+        _check_choice("static.format", self.format, FORMATS)
+        _check_choice("static.activation_type", self.activation_type, QUANT_TYPES)
+        _check_choice("static.weight_type", self.weight_type, QUANT_TYPES)
+        _check_choice("static.calibration", self.calibration, CALIBRATION_METHODS)
+        if not self.op_types:
+            raise ValueError("static.op_types must name at least one operator type")
+        if self.activation_symmetric and self.activation_type == "uint8":
+            # ORT would put the zero point at 128 and waste half the range of a non-negative tensor
+            # while gaining nothing: symmetric activations are for int8 kernels (TensorRT, NPUs).
+            raise ValueError("static.activation_symmetric needs activation_type = 'int8'")
+
+
+@dataclass(frozen=True)
+class DynamicRecipe:
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ("MatMul",)
+
+    def __post_init__(self) -> None:
+        _check_choice("dynamic.weight_type", self.weight_type, QUANT_TYPES)
+        if not self.op_types:
+            raise ValueError("dynamic.op_types must name at least one operator type")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    execution_providers: tuple[str, ...]
+    fp16_compute: bool
+    opset: int
+    static: StaticRecipe
+    dynamic: DynamicRecipe
+    package: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.execution_providers:
+            raise ValueError("execution_providers must list at least one provider")
+        if not 13 <= self.opset <= 23:
+            # per-channel QDQ needs opset 13; the exporters we use stop at 23
+            raise ValueError(f"opset must be between 13 and 23, got {self.opset}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _check_choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".toml"))
+
+
+def load(name: str) -> Target:
+    if name not in available():
+        raise EdgeqError(f"unknown target '{name}' (available: {', '.join(available())})")
+    text = resources.files(__name__).joinpath(f"{name}.toml").read_text()
+    return parse(text, source=f"targets/{name}.toml")
+
+
+def parse(text: str, source: str = "<profile>") -> Target:
+    try:
+        raw = tomllib.loads(text)
+        static = raw.pop("static", {})
+        dynamic = raw.pop("dynamic", {})
+        package = raw.pop("package", {})
+        for key in ("op_types", "keep_float_after"):
+            if key in static:
+                static[key] = tuple(static[key])
+        if "op_types" in dynamic:
+            dynamic["op_types"] = tuple(dynamic["op_types"])
+        raw["execution_providers"] = tuple(raw.get("execution_providers", ()))
+        return Target(static=StaticRecipe(**static), dynamic=DynamicRecipe(**dynamic), package=package, **raw)
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as e:
+        raise EdgeqError(f"invalid target profile {source}: {e}") from None
