@@ -28,6 +28,7 @@ from edgeq.core import (
 STAGES = ("export", "optimize", "calibrate", "quantize", "evaluate", "benchmark", "package")
 MODES = ("static", "dynamic")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
 
 
 def default_model_dir() -> Path:
@@ -71,7 +72,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    percentile: float = 99.999) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
-    from edgeq.calib import check_readable, default_calibration_path, default_eval_path
+    from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_texts
 
     if model is None:
         model_path, name = default_model_dir(), name or DEFAULT_MODEL_NAME
@@ -89,8 +90,20 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
     calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()
     eval_file = Path(eval_path).expanduser().resolve() if eval_path else default_eval_path()
-    check_readable(calib_file, "calibration")
-    check_readable(eval_file, "evaluation")
+    # Read the data now (text is cheap to read) so a bad file fails before anything is written.
+    for f, what, n in ((calib_file, "calibration", calib_samples), (eval_file, "evaluation", eval_samples)):
+        check_readable(f, what)
+        if f.suffix.lower() != ".npz":
+            read_texts(f, limit=n, text_field=text_field, what=what)
+    if kind == "onnx":
+        from edgeq.pipeline.export import check_onnx
+
+        check_onnx(model_path)
+        text_data = calib_file.suffix.lower() != ".npz" or eval_file.suffix.lower() != ".npz"
+        tok_dir = Path(tokenizer) if tokenizer else model_path.parent
+        if text_data and not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+            raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
+                             "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
     if tokenizer and not Path(tokenizer).is_dir():
         raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
     for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", eval_samples, 1),

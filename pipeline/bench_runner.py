@@ -1,12 +1,16 @@
-"""Measures one ONNX model in a fresh process: session load time, latency distribution, peak RSS.
+"""Measures ONNX models in a fresh process: session load time, latency distribution, peak RSS.
 
-Standalone on purpose (stdlib, numpy and onnxruntime only, no edgeq import): each artifact runs in
-its own process so peak RSS belongs to that artifact alone, and the same file can be copied to a
-device and run with the device's own onnxruntime.
+Standalone on purpose (stdlib, numpy and onnxruntime only, no edgeq import), so the same file can be
+copied to a device and run with the device's own onnxruntime.
 
-usage: python bench_runner.py '{"model": ..., "inputs": ..., "provider": ..., "threads": 2,
-                                "warmup": 10, "runs": 100}'
-prints one JSON object on stdout.
+Two uses, both printing one JSON object on stdout:
+  one model   -> load time and peak RSS belong to that model alone (a fresh process each);
+  many models -> latency, interleaved: every round runs each model `round_runs` times, so drift of a
+                 shared machine (another tenant, frequency changes) falls on every model alike and
+                 the ratios between them stay honest.
+
+usage: python bench_runner.py '{"models": [...], "inputs": "x.npz", "provider": "CPUExecutionProvider",
+                                "threads": 2, "warmup": 10, "runs": 100, "round_runs": 10}'
 """
 import json
 import resource
@@ -15,7 +19,7 @@ import time
 
 
 def _status_mb(field: str) -> float:
-    """VmRSS / VmHWM from /proc: unlike ru_maxrss, VmHWM starts afresh at exec, so the parent's
+    """VmRSS / VmHWM from /proc. Unlike ru_maxrss, VmHWM starts afresh at exec, so the parent's
     memory does not leak into this process's peak."""
     try:
         with open("/proc/self/status") as f:
@@ -24,58 +28,68 @@ def _status_mb(field: str) -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    if field == "VmHWM":  # no /proc (macOS): ru_maxrss is bytes there
+    if field == "VmHWM":  # no /proc (macOS): ru_maxrss is in bytes there
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
     return float("nan")
 
 
-def main(argv) -> dict:
-    spec = json.loads(argv[1])
+def main(spec: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
 
     with np.load(spec["inputs"]) as z:
-        feeds = {k: z[k] for k in z.files}
+        feeds_all = {k: z[k] for k in z.files}
     rss_before = _status_mb("VmRSS")
     so = ort.SessionOptions()
     if spec.get("threads"):
         so.intra_op_num_threads = int(spec["threads"])
     so.inter_op_num_threads = 1
-    t0 = time.perf_counter()
-    sess = ort.InferenceSession(spec["model"], so, providers=[spec.get("provider", "CPUExecutionProvider")])
-    load_ms = (time.perf_counter() - t0) * 1000
-    names = {i.name for i in sess.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-    for _ in range(int(spec.get("warmup", 10))):
-        sess.run(None, feeds)
-    times = []
-    deadline = time.perf_counter() + float(spec.get("max_seconds", 60))
-    for _ in range(int(spec.get("runs", 100))):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t) * 1000)
-        if time.perf_counter() > deadline:
-            break
-    ts = np.asarray(times)
-    batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
-    return {
-        "provider": sess.get_providers()[0],
-        "runs": len(times),
-        "load_ms": round(load_ms, 3),
-        "latency_mean_ms": round(float(ts.mean()), 4),
-        "latency_p50_ms": round(float(np.percentile(ts, 50)), 4),
-        "latency_p90_ms": round(float(np.percentile(ts, 90)), 4),
-        "latency_p99_ms": round(float(np.percentile(ts, 99)), 4),
-        "throughput_per_s": round(batch * 1000 / float(ts.mean()), 3),
-        "peak_rss_mb": round(_status_mb("VmHWM"), 1),
-        "rss_before_load_mb": round(rss_before, 1),
-        "onnxruntime": ort.__version__,
-    }
+    provider = spec.get("provider", "CPUExecutionProvider")
+    sessions, feeds, load_ms = [], [], []
+    for m in spec["models"]:
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(m, so, providers=[provider])
+        load_ms.append((time.perf_counter() - t0) * 1000)
+        names = {i.name for i in sess.get_inputs()}
+        sessions.append(sess)
+        feeds.append({k: v for k, v in feeds_all.items() if k in names})
+    for sess, f in zip(sessions, feeds):
+        for _ in range(int(spec.get("warmup", 10))):
+            sess.run(None, f)
+    runs = int(spec.get("runs", 100))
+    per_round = max(1, min(int(spec.get("round_runs", 10)), runs))
+    times = [[] for _ in sessions]
+    deadline = time.perf_counter() + float(spec.get("max_seconds", 120))
+    while len(times[0]) < runs and time.perf_counter() < deadline:
+        for sess, f, ts in zip(sessions, feeds, times):
+            for _ in range(min(per_round, runs - len(ts))):
+                t = time.perf_counter()
+                sess.run(None, f)
+                ts.append((time.perf_counter() - t) * 1000)
+    batch = int(next(iter(feeds_all.values())).shape[0]) if feeds_all else 1
+    results = []
+    for sess, ts, lm in zip(sessions, times, load_ms):
+        a = np.asarray(ts)
+        results.append({
+            "provider": sess.get_providers()[0],
+            "runs": len(ts),
+            "load_ms": round(lm, 3),
+            "latency_mean_ms": round(float(a.mean()), 4),
+            "latency_p50_ms": round(float(np.percentile(a, 50)), 4),
+            "latency_p90_ms": round(float(np.percentile(a, 90)), 4),
+            "latency_p99_ms": round(float(np.percentile(a, 99)), 4),
+            "latency_min_ms": round(float(a.min()), 4),
+            "throughput_per_s": round(batch * 1000 / float(a.mean()), 3),
+        })
+    out = {"results": results, "onnxruntime": ort.__version__, "rss_before_load_mb": round(rss_before, 1)}
+    if len(sessions) == 1:
+        out["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
+    return out
 
 
 if __name__ == "__main__":
     try:
-        print(json.dumps(main(sys.argv)))
-    except Exception as e:  # the parent turns this into a recorded failure, not a crash
+        print(json.dumps(main(json.loads(sys.argv[1]))))
+    except Exception as e:  # the parent records this as a failed measurement, not a crash
         print(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
         sys.exit(1)

@@ -39,16 +39,34 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def run_one(model: Path, inputs: Path, provider: str, threads: int, warmup: int, runs: int) -> dict:
-    spec = {"model": str(model), "inputs": str(inputs), "provider": provider, "threads": threads,
-            "warmup": warmup, "runs": runs}
+def run_runner(spec: dict, timeout: float = 900) -> dict:
     proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"runner exited {proc.returncode}: {err}"}
     return json.loads(lines[-1])
+
+
+def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int) -> list[dict]:
+    """Latency of all models interleaved in one process; load time and peak RSS of each in its own."""
+    base = {"inputs": str(inputs), "provider": provider, "threads": threads}
+    lat = run_runner({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
+    out = []
+    for i, m in enumerate(models):
+        if "error" in lat:
+            out.append({"error": lat["error"]})
+            continue
+        mem = run_runner({**base, "models": [str(m)], "warmup": 2, "runs": 3})
+        r = dict(lat["results"][i])
+        if "error" in mem:
+            r["memory_error"] = mem["error"]
+        else:
+            r["load_ms"] = mem["results"][0]["load_ms"]
+            r["peak_rss_mb"] = mem["peak_rss_mb"]
+        out.append(r)
+    return out
 
 
 def run(ctx: BuildContext) -> StageResult:
@@ -66,9 +84,9 @@ def run(ctx: BuildContext) -> StageResult:
     threads = cfg["threads"] or os.cpu_count() or 1
     results: dict[str, dict[str, dict]] = {}
     for ep in measured:
-        for a in ctx.artifacts:
-            ctx.log(f"  benchmark {a.name} on {ep}")
-            r = run_one(ctx.path(a.path), inputs, ep, threads, cfg["warmup"], cfg["runs"])
+        ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg['runs']} runs each")
+        rs = measure([ctx.path(a.path) for a in ctx.artifacts], inputs, ep, threads, cfg["warmup"], cfg["runs"])
+        for a, r in zip(ctx.artifacts, rs):
             results.setdefault(a.name, {})[ep] = r
     primary = measured[0]
     fp32 = results["fp32"][primary]
@@ -83,12 +101,15 @@ def run(ctx: BuildContext) -> StageResult:
             a.metrics["benchmark_error"] = r["error"]
             continue
         for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb"):
-            a.metrics[k] = r[k]
+            if k in r:
+                a.metrics[k] = r[k]
         if "error" not in fp32:
             a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
     return StageResult(
         settings={"batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"], "threads": threads,
-                  "warmup": cfg["warmup"], "runs": cfg["runs"], "process": "fresh process per artifact",
+                  "warmup": cfg["warmup"], "runs": cfg["runs"],
+                  "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
+                            "load time and peak RSS: a fresh process per artifact",
                   "primary_provider": primary},
         metrics={"execution_providers": eps},
     )

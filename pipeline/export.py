@@ -4,8 +4,11 @@ onnx.checker and used as is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +112,11 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
     # pooled outputs through a different code path; the plain transformers export keeps
     # last_hidden_state, which we pool ourselves (mean over the attention mask).
     try:
-        main_export(
-            str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
-            do_validation=False, local_files_only=True, trust_remote_code=False, device="cpu",
-        )
-    except EdgeqError:
-        raise
+        with _quiet_libraries():
+            main_export(
+                str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
+                do_validation=False, local_files_only=True, trust_remote_code=False, device="cpu",
+            )
     except (OSError, ValueError, KeyError) as e:
         raise EdgeqError(f"cannot export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     shutil.copyfile(model_dir / "config.json", ctx.path(Files.MODEL_CONFIG))
@@ -130,6 +132,22 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
         outputs=[Files.EXPORTED, Files.TOKENIZER_DIR, Files.MODEL_CONFIG],
         metrics={**diff, "weights_sha256": _weights_sha256(model_dir)},
     )
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """The exporter's tracer and deprecation warnings say nothing actionable to an edgeq user."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def _weights_sha256(model_dir: Path) -> dict[str, str]:

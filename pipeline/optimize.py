@@ -7,6 +7,7 @@ device, so the saved graph stays portable across execution providers.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def _fuse(src: Path, dst: Path, plan: dict, large: bool) -> dict[str, int] | Non
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    # the optimizer logs at WARNING for every pattern it does not find; its statistics say it better
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     try:
         opts = FusionOptions(plan["model_type"])
         model = optimize_model(str(src), model_type=plan["model_type"], num_heads=plan["num_heads"],

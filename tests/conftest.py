@@ -1,0 +1,71 @@
+"""Fixtures: tiny randomly initialised BERT models built inside the tests (no download), and one
+build of each that many tests read."""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _vocab_from_calibration(n_words: int = 600) -> list[str]:
+    """Special tokens + the most frequent words of the bundled text, so the tiny tokenizer produces
+    real token ids (not all [UNK]) on the calibration and evaluation data."""
+    from edgeq.calib import default_calibration_path, default_eval_path
+
+    text = default_calibration_path().read_text() + default_eval_path().read_text()
+    words = Counter(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]", text.lower()))
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(n_words)]
+
+
+def make_tiny_bert(path: Path, classifier: bool = False, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab_from_calibration()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(path))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    model = (BertForSequenceClassification if classifier else BertModel)(cfg).eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tinycls") / "tiny-bert-cls", classifier=True, seed=1)
+
+
+FAST = dict(runs=5, warmup=1, calib_samples=32, eval_samples=24)
+
+
+def run_build(model: Path, out: Path, **kw) -> dict:
+    from edgeq.build import build, resolve_config
+
+    cfg = resolve_config(model=str(model), out=str(out), **{**FAST, **kw})
+    return build(cfg, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_bert, tmp_path_factory) -> dict:
+    """One full build of the tiny feature-extraction BERT for x86_64, both modes."""
+    return run_build(tiny_bert, tmp_path_factory.mktemp("out"), target="x86_64")
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_build(tiny_classifier, tmp_path_factory) -> dict:
+    return run_build(tiny_classifier, tmp_path_factory.mktemp("outcls"), target="arm64")

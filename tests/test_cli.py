@@ -1,0 +1,147 @@
+"""The command line as a user and CI see it: exit codes, one-line errors, --json contract."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import FAST
+
+
+def edgeq(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("EDGEQ_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "edgeq", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def fast_args():
+    return ["--runs", str(FAST["runs"]), "--calib-samples", str(FAST["calib_samples"]),
+            "--eval-samples", str(FAST["eval_samples"])]
+
+
+def assert_user_error(r, fragment, out: Path | None = None, progress_allowed=False):
+    """Exit 2, no traceback, and the error as one line (the only line, unless the build had started
+    and printed progress before the error surfaced)."""
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    if progress_allowed:
+        assert all(ln.startswith("[") or ln.startswith("  ") for ln in lines[:-1]), r.stderr
+    else:
+        assert len(lines) == 1, r.stderr
+    assert lines[-1].startswith("edgeq: error:") and fragment in lines[-1], lines[-1]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    if out is not None:
+        assert not out.exists() or not any(out.rglob("manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def corrupt_onnx(tmp_path_factory):
+    p = tmp_path_factory.mktemp("bad") / "broken.onnx"
+    p.write_bytes(b"\x08\x07this is not an onnx model")
+    return p
+
+
+def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (["build", str(tmp_path / "missing"), "-o", str(out)], "model not found"),
+        (["build", str(tiny_bert), "--target", "riscv", "-o", str(out)], "unknown target 'riscv'"),
+        (["build", str(tiny_bert), "--mode", "fp8", "-o", str(out)], "unknown mode 'fp8'"),
+        (["build", str(tiny_bert), "--calib", str(tmp_path / "nope.txt"), "-o", str(out)], "calibration file not found"),
+        (["build", str(tiny_bert), "--calib", str(tmp_path), "-o", str(out)], "calibration path is not a file"),
+        (["build", str(tiny_bert), "--calib-method", "magic", "-o", str(out)], "unknown calibration method"),
+        (["build", str(tiny_bert), "--runs", "0", "-o", str(out)], "--runs must be at least 1"),
+        (["build", str(tmp_path), "-o", str(out)], "not a Hugging Face model directory"),
+        (["build", str(empty), "-o", str(out)], "expected a Hugging Face model directory or an .onnx file"),
+        (["build", "--bogus-flag"], "No such option"),
+        (["nocommand"], "No such command"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(edgeq(*args), fragment, out)
+
+
+def test_errors_found_mid_build_leave_nothing_complete(tiny_bert, corrupt_onnx, tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert_user_error(edgeq("build", str(corrupt_onnx), "-o", str(out)), "is not a valid ONNX model", out)
+    assert_user_error(edgeq("build", str(tiny_bert), "--calib", str(empty), "-o", str(out), *fast_args()),
+                      "calibration file has no samples", out)
+    # no staging leftovers either
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_failed_rebuild_keeps_previous_complete_build(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    ok = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
+    assert ok.returncode == 0, ok.stderr
+    manifest = out / "tiny-bert" / "x86_64" / "manifest.json"
+    before = manifest.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    r = edgeq("build", str(tiny_bert), "-o", str(out), "--calib", str(bad), *fast_args())
+    assert_user_error(r, "bad.jsonl:2: invalid JSON")
+    # an error that only shows mid-build (here: an exporter failure) must not replace the build either
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    r = edgeq("build", str(broken), "--name", "tiny-bert", "-o", str(out), *fast_args())
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("edgeq: ")
+    assert manifest.read_bytes() == before
+    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == ["x86_64"]
+
+
+def test_json_contract(tiny_bert, tmp_path):
+    r = edgeq("build", str(tiny_bert), "--json", "-o", str(tmp_path), "--target", "x86_64", *fast_args())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # stdout is exactly one JSON object
+    assert doc["manifest"] == str(tmp_path / "tiny-bert" / "x86_64" / "manifest.json")
+    assert Path(doc["manifest"]).is_file()
+    names = [a["name"] for a in doc["artifacts"]]
+    assert names == ["fp32", "int8-static", "int8-dynamic"]
+    for a in doc["artifacts"]:
+        assert set(a) >= {"name", "path", "sha256", "size_bytes", "precision", "metrics"}
+        assert Path(a["path"]).is_file() and Path(a["path"]).stat().st_size == a["size_bytes"]
+        assert {"cosine", "latency_p50_ms", "speedup_vs_fp32"} <= set(a["metrics"])
+    assert "[7/7] package" in r.stderr and "speedup" in r.stderr  # progress and table on stderr
+
+
+def test_onnx_input_with_external_data(tiny_build, tmp_path):
+    """A user's .onnx (weights in an external file) with its tokenizer beside it."""
+    export_dir = Path(tiny_build["build_dir"]) / "work" / "export"
+    src = tmp_path / "user"
+    shutil.copytree(export_dir, src)
+    model = onnx.load(str(src / "model.onnx"))
+    (src / "model.onnx").unlink()
+    onnx.save_model(model, str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    assert (src / "model.onnx.data").stat().st_size > 100_000
+    r = edgeq("build", str(src / "model.onnx"), "--name", "user-model", "-o", str(tmp_path / "out"), "--json",
+              *fast_args())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    m = json.loads(Path(doc["manifest"]).read_text())
+    assert m["model"]["kind"] == "onnx" and m["stages"][0]["metrics"]["checker"] == "passed"
+    assert {a["name"] for a in doc["artifacts"]} == {"fp32", "int8-static", "int8-dynamic"}
+    assert "work/export/model.onnx.data" in {f["path"] for f in m["files"]}
+
+
+def test_onnx_without_tokenizer_needs_one(tiny_build, tmp_path):
+    src = tmp_path / "bare.onnx"
+    shutil.copyfile(Path(tiny_build["build_dir"]) / "model.fp32.onnx", src)
+    r = edgeq("build", str(src), "-o", str(tmp_path / "out"), *fast_args())
+    assert_user_error(r, "has no tokenizer beside it", tmp_path / "out")
+
+
+def test_targets_command_lists_profiles():
+    r = edgeq("targets")
+    assert r.returncode == 0
+    assert "x86_64" in r.stdout and "arm64" in r.stdout and "uint8/int8" in r.stdout

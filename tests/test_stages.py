@@ -1,0 +1,295 @@
+"""Per-stage checks on the tiny BERT build (fixture `tiny_build`) and on the stage helpers."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgeq.core import EdgeqError, sha256_file
+
+
+def _bdir(manifest) -> Path:
+    return Path(manifest["build_dir"])
+
+
+def _stage(manifest, name):
+    return next(s for s in manifest["stages"] if s["stage"] == name)
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+def test_export_is_validated_against_pytorch(tiny_build):
+    m = _stage(tiny_build, "export")["metrics"]
+    assert m["validation_samples"] == 8
+    assert 0 <= m["max_abs_diff"] < 1e-4
+    assert list(m["weights_sha256"]) == ["model.safetensors"]
+
+
+def test_check_onnx_rejects_garbage(tmp_path):
+    from edgeq.pipeline.export import check_onnx
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
+    with pytest.raises(EdgeqError, match="is not a valid ONNX model"):
+        check_onnx(bad)
+
+
+def test_infer_task_from_architectures():
+    from edgeq.pipeline.export import infer_task
+
+    assert infer_task({"architectures": ["BertForSequenceClassification"]}) == "text-classification"
+    assert infer_task({"architectures": ["BertModel"]}) == "feature-extraction"
+    assert infer_task({}) == "feature-extraction"
+
+
+# -- optimize -----------------------------------------------------------------------------------
+
+def test_optimize_fuses_transformer_blocks(tiny_build):
+    m = _stage(tiny_build, "optimize")["metrics"]
+    assert m["fused_ops"] == {"EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2, "SkipLayerNormalization": 4}
+    assert m["nodes_after"] < m["nodes_before"] / 3
+    ops = _ops(_bdir(tiny_build) / "model.fp32.onnx")
+    assert ops["Attention"] == 2 and ops["MatMul"] == 6
+    onnx.checker.check_model(str(_bdir(tiny_build) / "model.fp32.onnx"))
+
+
+def test_fusion_plan():
+    from edgeq.pipeline.optimize import fusion_plan
+
+    assert fusion_plan({"model_type": "bert", "num_attention_heads": 4, "hidden_size": 64}) == \
+        {"model_type": "bert", "num_heads": 4, "hidden_size": 64}
+    assert fusion_plan({"model_type": "distilbert", "n_heads": 12, "dim": 768})["num_heads"] == 12
+    assert fusion_plan({"model_type": "whisper"}) == {}
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+def test_range_collector_minmax_is_exact_across_shapes():
+    from edgeq.pipeline.calibrate import RangeCollector
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(2, n, 8)).astype(np.float32) for n in (5, 17, 9)]
+    c = RangeCollector("minmax")
+    for b in batches:
+        c.add("t", b)
+    r = c.result()["t"].range_value
+    assert r[0] == np.concatenate([b.ravel() for b in batches]).min()
+    assert r[1] == np.concatenate([b.ravel() for b in batches]).max()
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "distribution"])
+def test_histogram_methods_accept_variable_sequence_lengths(method):
+    """onnxruntime's own calibrators fail here with 'inhomogeneous shape'."""
+    from edgeq.pipeline.calibrate import RangeCollector
+
+    rng = np.random.default_rng(1)
+    c = RangeCollector(method, percentile=99.0)
+    for n in (5, 17, 9, 30):
+        x = rng.normal(size=(2, n, 8)).astype(np.float32)
+        x[0, 0, 0] = 50.0  # one outlier per batch
+        c.add("t", x)
+    lo, hi = (float(v) for v in c.result()["t"].range_value)
+    assert lo < 0 < hi
+    if method == "percentile":  # clips the outlier
+        assert hi < 10
+
+
+def test_calibration_ranges_cover_quantized_inputs(tiny_build):
+    b = _bdir(tiny_build)
+    ranges = json.loads((b / "calibration/ranges-minmax.json").read_text())
+    assert ranges["calibration_method"]["value"].endswith("MinMax") if isinstance(ranges["calibration_method"], dict) \
+        else "MinMax" in str(ranges["calibration_method"])
+    model = onnx.load(str(b / "model.fp32.onnx"))
+    mm_inputs = {n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
+    assert mm_inputs <= set(ranges["data"])
+    s = _stage(tiny_build, "calibrate")
+    assert s["settings"]["samples"] == 32 and s["metrics"]["batches"] == 2
+
+
+def test_calibration_reused_only_while_inputs_match(tiny_bert, tmp_path):
+    from conftest import run_build
+
+    first = run_build(tiny_bert, tmp_path, modes=("static",))
+    ranges = Path(first["build_dir"]) / "calibration/ranges-minmax.json"
+    digest = sha256_file(ranges)
+    again = run_build(tiny_bert, tmp_path, modes=("static",))
+    assert _stage(first, "calibrate")["reused"] is False
+    assert _stage(again, "calibrate")["reused"] is True
+    assert sha256_file(ranges) == digest
+    other = run_build(tiny_bert, tmp_path, modes=("static",), calib_samples=16)
+    assert _stage(other, "calibrate")["reused"] is False
+
+
+# -- quantize -----------------------------------------------------------------------------------
+
+def test_static_keeps_post_gelu_matmuls_float(tiny_build):
+    b = _bdir(tiny_build)
+    model = onnx.load(str(b / "model.int8-static.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    mms = [n for n in model.graph.node if n.op_type == "MatMul"]
+    after_gelu = [n for n in mms if producer[n.input[0]].op_type == "BiasGelu"]
+    quantized = [n for n in mms if producer[n.input[0]].op_type == "DequantizeLinear"]
+    assert len(after_gelu) == 2 and len(quantized) == 4
+    kept = _stage(tiny_build, "quantize")["metrics"]["static"]["kept_float"]
+    assert sorted(k["node"] for k in kept) == sorted(n.name for n in after_gelu)
+    # x86_64 profile: uint8 activations, int8 per-channel weights
+    q_types = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
+    assert onnx.TensorProto.UINT8 in q_types and onnx.TensorProto.INT8 in q_types
+
+
+def test_dynamic_uses_integer_kernels(tiny_build):
+    ops = _ops(_bdir(tiny_build) / "model.int8-dynamic.onnx")
+    assert ops["QAttention"] == 2
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] >= 6 or ops["DynamicQuantizeLinear"] >= 1
+    assert ops["MatMul"] == 0
+
+
+def test_arm64_static_is_s8s8(tiny_cls_build):
+    model = onnx.load(str(_bdir(tiny_cls_build) / "model.int8-static.onnx"))
+    zp_types = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
+    assert zp_types == {onnx.TensorProto.INT8}
+
+
+def test_nodes_kept_float_rule():
+    from onnx import helper
+
+    from edgeq.pipeline.quantize import nodes_kept_float
+
+    g = helper.make_graph([
+        helper.make_node("Gelu", ["x"], ["g"], name="gelu"),
+        helper.make_node("MatMul", ["g", "w"], ["y"], name="after_gelu"),
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="plain"),
+    ], "g", [], [])
+    kept = nodes_kept_float(helper.make_model(g), {"MatMul"}, {"Gelu"})
+    assert [k["node"] for k in kept] == ["after_gelu"]
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+def test_pooled_is_masked_mean():
+    from edgeq.pipeline.evaluate import pooled
+
+    out = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_allclose(pooled(out, mask), [[1, 2], [6, 7]])
+    assert pooled(np.ones((4, 5), np.float32), None).shape == (4, 5)
+
+
+def test_fidelity_numbers():
+    from edgeq.pipeline.evaluate import fidelity
+
+    ref = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+    got = np.array([[1.0, 1.0], [0.0, 2.0]], np.float32)
+    m = fidelity([ref[:1], ref[1:]], [got[:1], got[1:]], ref, got, classifier=True)
+    assert m["cosine_min"] == pytest.approx(1 / np.sqrt(2), rel=1e-6)
+    assert m["cosine"] == pytest.approx((1 / np.sqrt(2) + 1) / 2, rel=1e-6)
+    assert m["max_abs_err"] == 1.0 and m["mean_abs_err"] == 0.25
+    assert m["top1_agreement"] == 1.0  # argmax of [1, 1] is still class 0
+    flipped = np.array([[0.0, 1.0], [0.0, 2.0]], np.float32)
+    m = fidelity([ref[:1], ref[1:]], [flipped[:1], flipped[1:]], ref, flipped, classifier=True)
+    assert m["cosine_min"] == 0.0 and m["top1_agreement"] == 0.5
+
+
+def test_every_artifact_is_evaluated_against_fp32(tiny_build):
+    arts = {a["name"]: a["metrics"] for a in tiny_build["artifacts"]}
+    assert set(arts) == {"fp32", "int8-static", "int8-dynamic"}
+    assert arts["fp32"]["cosine"] == pytest.approx(1.0) and arts["fp32"]["max_abs_err"] == 0
+    for name in ("int8-static", "int8-dynamic"):
+        assert 0.95 < arts[name]["cosine"] <= 1.0 + 1e-6
+        assert arts[name]["max_abs_err"] > 0  # quantization changed something, and we saw it
+        assert arts[name]["eval_samples"] == 24
+
+
+def test_classifier_gets_top1_agreement(tiny_cls_build):
+    arts = {a["name"]: a["metrics"] for a in tiny_cls_build["artifacts"]}
+    assert tiny_cls_build["model"]["task"] == "text-classification"
+    assert arts["fp32"]["top1_agreement"] == 1.0
+    assert 0.0 <= arts["int8-dynamic"]["top1_agreement"] <= 1.0
+
+
+def test_eval_drops_samples_that_were_used_for_calibration(tiny_bert, tmp_path):
+    from conftest import run_build
+    from edgeq.calib import default_calibration_path
+
+    lines = default_calibration_path().read_text().splitlines()[:40]
+    data = tmp_path / "both.txt"
+    data.write_text("\n".join(lines) + "\n")
+    m = run_build(tiny_bert, tmp_path / "o", modes=("static",), calib=str(data), eval_path=str(data),
+                  calib_samples=30, eval_samples=10)
+    ev = _stage(m, "evaluate")
+    assert ev["metrics"]["overlap_with_calibration_removed"] == 30
+    assert ev["settings"]["samples"] == 10
+
+
+# -- benchmark ----------------------------------------------------------------------------------
+
+def test_benchmark_records_latency_memory_and_ratios(tiny_build):
+    b = _stage(tiny_build, "benchmark")
+    assert b["metrics"]["execution_providers"] == {"CPUExecutionProvider": "measured"}
+    assert b["settings"]["seq_len"] == 128 and b["settings"]["runs"] == 5
+    arts = {a["name"]: a["metrics"] for a in tiny_build["artifacts"]}
+    for m in arts.values():
+        assert 0 < m["latency_p50_ms"] <= m["latency_p90_ms"] <= m["latency_p99_ms"]
+        assert m["peak_rss_mb"] > 10 and m["load_ms"] > 0 and m["throughput_per_s"] > 0
+        assert m["benchmark"]["CPUExecutionProvider"]["runs"] == 5
+    assert arts["fp32"]["speedup_vs_fp32"] == 1.0
+    expected = arts["fp32"]["latency_p50_ms"] / arts["int8-dynamic"]["latency_p50_ms"]
+    assert arts["int8-dynamic"]["speedup_vs_fp32"] == pytest.approx(expected, rel=1e-2)
+    assert arts["int8-dynamic"]["size_vs_fp32"] < 0.6
+
+
+def test_bench_inputs_are_all_real_tokens(tiny_build):
+    z = np.load(_bdir(tiny_build) / "work/bench_inputs.npz")
+    assert z["input_ids"].shape == (1, 128) and z["attention_mask"].all()
+
+
+def test_runner_reports_errors_as_json(tmp_path):
+    from edgeq.pipeline.benchmark import run_runner
+
+    np.savez(tmp_path / "in.npz", x=np.zeros(1))
+    r = run_runner({"models": [str(tmp_path / "missing.onnx")], "inputs": str(tmp_path / "in.npz")})
+    assert "error" in r
+
+
+# -- package ------------------------------------------------------------------------------------
+
+def test_manifest_checksums_every_file(tiny_build):
+    b = _bdir(tiny_build)
+    on_disk = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert [f["path"] for f in tiny_build["files"]] == on_disk
+    for f in tiny_build["files"]:
+        assert sha256_file(b / f["path"]) == f["sha256"]
+        assert (b / f["path"]).stat().st_size == f["size_bytes"]
+    for name in ("tokenizer/tokenizer.json", "tokenizer/vocab.txt", "config.json", "model.fp32.onnx",
+                 "model.int8-static.onnx", "model.int8-dynamic.onnx"):
+        assert name in on_disk
+
+
+def test_manifest_on_disk_is_the_returned_one(tiny_build):
+    b = _bdir(tiny_build)
+    disk = json.loads((b / "manifest.json").read_text())
+    assert disk["schema"] == "edgeq.manifest/1"
+    assert disk["artifacts"] == tiny_build["artifacts"]
+    assert [s["stage"] for s in disk["stages"]] == ["export", "optimize", "calibrate", "quantize", "evaluate",
+                                                    "benchmark", "package"]
+    assert all(s["seconds"] >= 0 for s in disk["stages"])
+    assert disk["versions"]["onnxruntime"] == ort.__version__
+    assert disk["config"]["target"] == "x86_64" and disk["config"]["calibration"]["method"] == "minmax"
+    # nothing left from staging
+    assert not [p for p in b.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_artifacts_load_and_run(tiny_build):
+    b = _bdir(tiny_build)
+    z = dict(np.load(b / "work/bench_inputs.npz"))
+    for a in tiny_build["artifacts"]:
+        sess = ort.InferenceSession(str(b / a["path"]), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {i.name: z[i.name] for i in sess.get_inputs()})[0]
+        assert out.shape == (1, 128, 32) and np.isfinite(out).all()

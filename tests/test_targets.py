@@ -1,0 +1,51 @@
+import pytest
+
+from edgeq import targets
+from edgeq.core import EdgeqError
+
+
+def test_profiles_load_and_differ_where_devices_differ():
+    assert {"arm64", "x86_64"} <= set(targets.available())
+    x86, arm = targets.load("x86_64"), targets.load("arm64")
+    # AVX2 without VNNI: U8S8 with 7-bit weights; ARM: full-range S8S8
+    assert (x86.static.activation_type, x86.static.weight_type, x86.static.reduce_range) == ("uint8", "int8", True)
+    assert (arm.static.activation_type, arm.static.reduce_range) == ("int8", False)
+    assert arm.fp16_compute and not x86.fp16_compute
+    assert "BiasGelu" in x86.static.keep_float_after
+    assert x86.to_dict()["static"]["op_types"] == ("MatMul",)
+
+
+def test_unknown_target_is_a_user_error():
+    with pytest.raises(EdgeqError, match="unknown target 'nope'.*arm64"):
+        targets.load("nope")
+
+
+GOOD = """
+name = "t"
+description = "d"
+execution_providers = ["CPUExecutionProvider"]
+fp16_compute = false
+opset = 17
+[static]
+format = "QDQ"
+[dynamic]
+"""
+
+
+def test_parse_minimal_profile_gets_defaults():
+    t = targets.parse(GOOD)
+    assert t.static.format == "QDQ" and t.static.per_channel and t.dynamic.op_types == ("MatMul",)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (GOOD.replace('format = "QDQ"', 'format = "QQQ"'), "static.format"),
+    (GOOD.replace("opset = 17", "opset = 9"), "opset"),
+    (GOOD.replace('["CPUExecutionProvider"]', "[]"), "execution_providers"),
+    (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nactivation_symmetric = true'), "activation_symmetric"),
+    (GOOD.replace('format = "QDQ"', 'format = "QDQ"\ncalibration = "magic"'), "static.calibration"),
+    (GOOD + "\nbogus_key = 1\n", "invalid target profile"),
+    ("name = ", "invalid target profile"),
+])
+def test_invalid_profiles_are_rejected(bad, message):
+    with pytest.raises(EdgeqError, match=message):
+        targets.parse(bad)
