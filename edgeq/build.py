@@ -141,7 +141,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
         shutil.copytree(final / Files.CALIB_DIR, staging / Files.CALIB_DIR)
     ctx = BuildContext(config=config, target=targets.load(config["target"]), build_dir=staging,
                        model_name=config["name"], model_kind=config["model_kind"], model_path=Path(config["model"]),
-                       log=log)
+                       log=log, progress=sys.stderr.isatty())
     modules = {"export": export, "optimize": optimize, "calibrate": calibrate, "quantize": quantize,
                "evaluate": evaluate, "benchmark": benchmark, "package": package}
     records = []
@@ -233,4 +233,6 @@ def summary_table(manifest: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
             f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
-    return head + "\n" + "\n".join(lines)
+    bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
+    notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
+    return "\n".join([head, *lines, *notes])

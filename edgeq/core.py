@@ -84,6 +84,18 @@ class BuildContext:
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)
     progress: bool = False
 
+    def track(self, items, total: int, label: str):
+        """Yield `items`, drawing a one-line progress counter on a terminal (nothing otherwise)."""
+        if not self.progress or total <= 1:
+            yield from items
+            return
+        for i, item in enumerate(items, 1):
+            sys.stderr.write(f"\r  {label} {i}/{total}")
+            sys.stderr.flush()
+            yield item
+        sys.stderr.write("\r" + " " * (len(label) + 2 * len(str(total)) + 4) + "\r")
+        sys.stderr.flush()
+
     def path(self, rel: str) -> Path:
         return self.build_dir / rel
 

@@ -58,10 +58,15 @@ def main(spec: dict) -> dict:
             sess.run(None, f)
     runs = int(spec.get("runs", 100))
     per_round = max(1, min(int(spec.get("round_runs", 10)), runs))
+    settle = int(spec.get("settle_runs", 2)) if len(sessions) > 1 else 0
     times = [[] for _ in sessions]
     deadline = time.perf_counter() + float(spec.get("max_seconds", 120))
     while len(times[0]) < runs and time.perf_counter() < deadline:
         for sess, f, ts in zip(sessions, feeds, times):
+            # Untimed runs after each switch: the previous session's idle worker threads keep
+            # spinning for a while and, on a small machine, would be charged to this session.
+            for _ in range(settle):
+                sess.run(None, f)
             for _ in range(min(per_round, runs - len(ts))):
                 t = time.perf_counter()
                 sess.run(None, f)

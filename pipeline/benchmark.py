@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,11 @@ def run(ctx: BuildContext) -> StageResult:
         for a, r in zip(ctx.artifacts, rs):
             results.setdefault(a.name, {})[ep] = r
     primary = measured[0]
+    host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    notes = []
+    if ctx.target.arch not in ("any", host):
+        notes.append(f"measured on this {host} host, not on {ctx.target.arch} hardware: "
+                     "latencies and speedups say nothing about the device")
     fp32 = results["fp32"][primary]
     fp32_size = model_size_bytes(ctx.path("model.fp32.onnx"))
     for a in ctx.artifacts:
@@ -110,6 +116,6 @@ def run(ctx: BuildContext) -> StageResult:
                   "warmup": cfg["warmup"], "runs": cfg["runs"],
                   "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
                             "load time and peak RSS: a fresh process per artifact",
-                  "primary_provider": primary},
-        metrics={"execution_providers": eps},
+                  "primary_provider": primary, "host_machine": host},
+        metrics={"execution_providers": eps, "notes": notes},
     )

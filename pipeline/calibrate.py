@@ -136,7 +136,9 @@ def run(ctx: BuildContext) -> StageResult:
     collector = RangeCollector(method, percentile=percentile, symmetric=ctx.target.static.activation_symmetric)
     t0 = time.perf_counter()
     batches = 0
-    for feeds in _feed_batches(ctx, samples, batch_size):
+    n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
+    n_batches = -(-n_samples // batch_size)
+    for feeds in ctx.track(_feed_batches(ctx, samples, batch_size), n_batches, "calibration batch"):
         outs = sess.run(names, model_feeds(feeds))
         for n, v in zip(names, outs):
             collector.add(n, v)

@@ -48,7 +48,7 @@ def run(ctx: BuildContext) -> StageResult:
     for a in ctx.artifacts:
         sess = ort.InferenceSession(str(ctx.path(a.path)), providers=["CPUExecutionProvider"])
         raw, pools = [], []
-        for feeds, mask in samples:
+        for feeds, mask in ctx.track(samples, len(samples), f"evaluate {a.name}"):
             o = sess.run(None, feeds)[0]
             pools.append(pooled(o, mask))
             raw.append(o[mask.astype(bool)] if (o.ndim == 3 and mask is not None) else o)

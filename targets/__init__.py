@@ -60,6 +60,7 @@ class DynamicRecipe:
 class Target:
     name: str
     description: str
+    arch: str  # "x86_64", "aarch64", or "any" (GPU/NPU targets)
     execution_providers: tuple[str, ...]
     fp16_compute: bool
     opset: int

@@ -245,6 +245,28 @@ def test_benchmark_records_latency_memory_and_ratios(tiny_build):
     assert arts["int8-dynamic"]["size_vs_fp32"] < 0.6
 
 
+def test_cross_arch_benchmarks_are_labelled(tiny_build, tiny_cls_build):
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("labels are checked from an x86_64 host")
+    assert _stage(tiny_build, "benchmark")["metrics"]["notes"] == []
+    (note,) = _stage(tiny_cls_build, "benchmark")["metrics"]["notes"]
+    assert "not on aarch64 hardware" in note
+
+
+def test_progress_counter_only_on_a_terminal(capsys):
+    from edgeq.core import BuildContext
+
+    ctx = BuildContext(config={}, target=None, build_dir=Path("."), model_name="m", model_kind="hf",
+                       model_path=Path("."))
+    assert list(ctx.track(iter(range(3)), 3, "x")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    ctx.progress = True
+    assert list(ctx.track(iter(range(3)), 3, "batch")) == [0, 1, 2]
+    assert "batch 3/3" in capsys.readouterr().err
+
+
 def test_bench_inputs_are_all_real_tokens(tiny_build):
     z = np.load(_bdir(tiny_build) / "work/bench_inputs.npz")
     assert z["input_ids"].shape == (1, 128) and z["attention_mask"].all()

@@ -23,6 +23,7 @@ def test_unknown_target_is_a_user_error():
 GOOD = """
 name = "t"
 description = "d"
+arch = "any"
 execution_providers = ["CPUExecutionProvider"]
 fp16_compute = false
 opset = 17
