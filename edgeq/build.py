@@ -134,6 +134,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     final = Path(config["out"]) / config["name"] / config["target"]
     staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    _remove_abandoned(final)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -184,6 +185,26 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
         raise
     manifest["build_dir"] = str(final)
     return manifest
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Staging/old directories left by builds that were killed (their process no longer exists)."""
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(staging: Path, final: Path) -> None:

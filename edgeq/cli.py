@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -75,8 +76,14 @@ def list_targets() -> None:
                    f"fp16 compute: {'yes' if t.fp16_compute else 'no'}; EPs: {', '.join(t.execution_providers)}")
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so the build removes its staging directory.
+    signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         cli.main(standalone_mode=False)

@@ -145,3 +145,33 @@ def test_targets_command_lists_profiles():
     r = edgeq("targets")
     assert r.returncode == 0
     assert "x86_64" in r.stdout and "arm64" in r.stdout and "uint8/int8" in r.stdout
+
+
+def test_sigterm_mid_build_leaves_nothing_complete(tiny_bert, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq", "build", str(tiny_bert), "-o", str(out), *fast_args()],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # wait until the build is inside a stage, then terminate it
+    for line in proc.stderr:
+        if "[2/7] optimize" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert not any(out.rglob("manifest.json"))
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_abandoned_staging_dirs_are_cleaned(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    stale = out / "tiny-bert" / ".x86_64.staging-999999"
+    stale.mkdir(parents=True)
+    (stale / "model.fp32.onnx").write_bytes(b"half")
+    r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == ["x86_64"]
