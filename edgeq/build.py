@@ -80,6 +80,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         model_path = Path(model).expanduser().resolve()
     kind = _model_kind(model_path)
     tname = target or host_target()
+    if tname.endswith(".toml"):
+        tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
     modes = tuple(dict.fromkeys(modes or MODES))
     for m in modes:
@@ -115,7 +117,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         raise EdgeqError(f"--percentile must be in (0, 100], got {percentile}")
     return {
         "model": str(model_path), "model_kind": kind, "name": name or _model_name(model_path, kind),
-        "target": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
+        "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
         "max_length": max_length, "export_atol": 1e-3,
         "calibration": {"path": str(calib_file), "method": method, "samples": calib_samples,
                         "batch_size": 16, "text_field": text_field, "percentile": percentile},
@@ -140,7 +142,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
     staging.mkdir(parents=True)
     if (final / Files.CALIB_DIR).is_dir():  # reuse ranges when model, data and settings still match
         shutil.copytree(final / Files.CALIB_DIR, staging / Files.CALIB_DIR)
-    ctx = BuildContext(config=config, target=targets.load(config["target"]), build_dir=staging,
+    ctx = BuildContext(config=config, target=targets.load(config["target_profile"]), build_dir=staging,
                        model_name=config["name"], model_kind=config["model_kind"], model_path=Path(config["model"]),
                        log=log, progress=sys.stderr.isatty())
     modules = {"export": export, "optimize": optimize, "calibrate": calibrate, "quantize": quantize,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from importlib import resources
 from typing import Any
 
@@ -91,8 +92,16 @@ def available() -> list[str]:
 
 
 def load(name: str) -> Target:
+    """A bundled profile by name, or a user's own profile file (a path ending in .toml)."""
+    if name.endswith(".toml"):
+        path = Path(name).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeqError(f"cannot read target profile {path}: {getattr(e, 'strerror', None) or e}") from None
+        return parse(text, source=str(path))
     if name not in available():
-        raise EdgeqError(f"unknown target '{name}' (available: {', '.join(available())})")
+        raise EdgeqError(f"unknown target '{name}' (available: {', '.join(available())}, or a .toml profile file)")
     text = resources.files(__name__).joinpath(f"{name}.toml").read_text()
     return parse(text, source=f"targets/{name}.toml")
 

@@ -50,10 +50,15 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
     out = tmp_path / "out"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
+    empty.with_suffix(".toml").write_text("name = 'x'\n")
     cases = [
         (["build", str(tmp_path / "missing"), "-o", str(out)], "model not found"),
         (["build", str(tiny_bert), "--target", "riscv", "-o", str(out)], "unknown target 'riscv'"),
         (["build", str(tiny_bert), "--mode", "fp8", "-o", str(out)], "unknown mode 'fp8'"),
+        (["build", str(tiny_bert), "--target", str(tmp_path / "mine.toml"), "-o", str(out)],
+         "cannot read target profile"),
+        (["build", str(tiny_bert), "--target", str(empty.with_suffix(".toml")), "-o", str(out)],
+         "invalid target profile"),
         (["build", str(tiny_bert), "--calib", str(tmp_path / "nope.txt"), "-o", str(out)], "calibration file not found"),
         (["build", str(tiny_bert), "--calib", str(tmp_path), "-o", str(out)], "calibration path is not a file"),
         (["build", str(tiny_bert), "--calib-method", "magic", "-o", str(out)], "unknown calibration method"),

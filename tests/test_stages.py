@@ -315,3 +315,53 @@ def test_artifacts_load_and_run(tiny_build):
         sess = ort.InferenceSession(str(b / a["path"]), providers=["CPUExecutionProvider"])
         out = sess.run(None, {i.name: z[i.name] for i in sess.get_inputs()})[0]
         assert out.shape == (1, 128, 32) and np.isfinite(out).all()
+
+
+# -- recipes from profiles and options -------------------------------------------------------------
+
+QOPERATOR_PROFILE = """
+name = "qop-test"
+description = "QOperator static, per-tensor, for tests"
+arch = "any"
+execution_providers = ["CPUExecutionProvider", "NoSuchExecutionProvider"]
+fp16_compute = false
+opset = 17
+[static]
+format = "QOperator"
+activation_type = "uint8"
+weight_type = "int8"
+per_channel = false
+reduce_range = true
+calibration = "percentile"
+[dynamic]
+per_channel = false
+"""
+
+
+def test_user_profile_file_drives_format_and_calibration(tiny_bert, tmp_path):
+    from conftest import run_build
+
+    profile = tmp_path / "qop.toml"
+    profile.write_text(QOPERATOR_PROFILE)
+    m = run_build(tiny_bert, tmp_path / "out", target=str(profile))
+    b = Path(m["build_dir"])
+    assert b.name == "qop-test"
+    ops = _ops(b / "model.int8-static.onnx")
+    # no keep_float_after in this profile: every MatMul becomes QLinearMatMul
+    assert ops["QLinearMatMul"] == 6 and ops["MatMul"] == 0 and ops["QuantizeLinear"] >= 1
+    assert (b / "calibration/ranges-percentile.json").is_file()
+    assert _stage(m, "calibrate")["settings"]["percentile"] == 99.999
+    eps = _stage(m, "benchmark")["metrics"]["execution_providers"]
+    assert eps["CPUExecutionProvider"] == "measured"
+    assert eps["NoSuchExecutionProvider"].startswith("unavailable: ")
+
+
+@pytest.mark.parametrize("method", ["entropy", "distribution"])
+def test_calibration_method_option(tiny_bert, tmp_path, method):
+    from conftest import run_build
+
+    m = run_build(tiny_bert, tmp_path, modes=("static",), calib_method=method)
+    b = Path(m["build_dir"])
+    ranges = json.loads((b / f"calibration/ranges-{method}.json").read_text())
+    assert method.capitalize() in json.dumps(ranges["calibration_method"])
+    assert {a["name"]: a for a in m["artifacts"]}["int8-static"]["metrics"]["cosine"] > 0.9
