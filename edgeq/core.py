@@ -206,3 +206,28 @@ def machine_info() -> dict[str, Any]:
 
 def artifact_dict(a: Artifact) -> dict[str, Any]:
     return asdict(a)
+
+
+def load_manifest(build_dir: Path) -> dict[str, Any]:
+    """The manifest of a complete build directory, as a user error when there is none."""
+    path = Path(build_dir) / Files.MANIFEST
+    if not Path(build_dir).is_dir():
+        raise EdgeqError(f"artifact directory not found: {build_dir}")
+    if not path.is_file():
+        raise EdgeqError(f"{build_dir} is not a complete edgeq build (no {Files.MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeqError(f"{path}: not a valid manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+        raise EdgeqError(f"{path}: not an edgeq manifest (schema {MANIFEST_SCHEMA} expected)")
+    return manifest
+
+
+def update_manifest(build_dir: Path, section: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Record the result of a post-build command (parity, remote benchmark...) in the manifest:
+    manifest[section][key] = record, written atomically. Returns the updated manifest."""
+    manifest = load_manifest(build_dir)
+    manifest.setdefault(section, {})[key] = record
+    atomic_write_json(Path(build_dir) / Files.MANIFEST, manifest)
+    return manifest
