@@ -25,8 +25,7 @@ from edgeq.core import (
     library_versions, machine_info,
 )
 
-STAGES = ("export", "optimize", "calibrate", "quantize", "evaluate", "benchmark", "package")
-MODES = ("static", "dynamic")
+STAGES = ("export", "optimize", "calibrate", "quantize", "precision", "evaluate", "benchmark", "package")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
 
@@ -69,7 +68,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
                    name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
-                   percentile: float = 99.999) -> dict[str, Any]:
+                   percentile: float = 99.999, fp16_io: bool = False) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
     from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_texts
@@ -83,10 +82,10 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if tname.endswith(".toml"):
         tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
-    modes = tuple(dict.fromkeys(modes or MODES))
+    modes = tuple(dict.fromkeys(modes or profile.modes))
     for m in modes:
-        if m not in MODES:
-            raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(MODES)})")
+        if m not in targets.MODES:
+            raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(targets.MODES)})")
     method = (calib_method or profile.static.calibration).lower()
     if method not in targets.CALIBRATION_METHODS:
         raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
@@ -119,6 +118,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         "model": str(model_path), "model_kind": kind, "name": name or _model_name(model_path, kind),
         "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
         "max_length": max_length, "export_atol": 1e-3,
+        "fp16": {"keep_io_types": profile.fp16.keep_io_types and not fp16_io,
+                 "op_block_list": list(profile.fp16.op_block_list)},
         "calibration": {"path": str(calib_file), "method": method, "samples": calib_samples,
                         "batch_size": 16, "text_field": text_field, "percentile": percentile},
         "evaluation": {"path": str(eval_file), "samples": eval_samples},
@@ -131,7 +132,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
 def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage; return the manifest (also written to <build dir>/manifest.json)."""
     from edgeq import targets
-    from edgeq.pipeline import benchmark, calibrate, evaluate, export, optimize, package, quantize
+    from edgeq.pipeline import benchmark, calibrate, evaluate, export, optimize, package, precision, quantize
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     final = Path(config["out"]) / config["name"] / config["target"]
@@ -146,7 +147,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
                        model_name=config["name"], model_kind=config["model_kind"], model_path=Path(config["model"]),
                        log=log, progress=sys.stderr.isatty())
     modules = {"export": export, "optimize": optimize, "calibrate": calibrate, "quantize": quantize,
-               "evaluate": evaluate, "benchmark": benchmark, "package": package}
+               "precision": precision, "evaluate": evaluate, "benchmark": benchmark, "package": package}
     records = []
     started = dt.datetime.now(dt.timezone.utc)
     t_build = time.perf_counter()
@@ -154,8 +155,11 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
         # Library code prints progress to stdout; stdout belongs to `--json`.
         with contextlib.redirect_stdout(sys.stderr):
             for i, stage in enumerate(STAGES, 1):
-                if stage == "calibrate" and "static" not in config["modes"]:
-                    records.append({"stage": stage, "skipped": "no static mode requested"})
+                skip = {"calibrate": "static" not in config["modes"],
+                        "quantize": not {"static", "dynamic"} & set(config["modes"]),
+                        "precision": "fp16" not in config["modes"]}.get(stage)
+                if skip:
+                    records.append({"stage": stage, "skipped": f"not needed for modes {config['modes']}"})
                     continue
                 log(f"[{i}/{len(STAGES)}] {stage} ...")
                 t0 = time.perf_counter()

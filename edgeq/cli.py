@@ -23,7 +23,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--target", "-t", help="Target profile (see `edgeq targets`); default: this machine's CPU.")
-@click.option("--mode", "-m", "modes", multiple=True, help="static and/or dynamic int8 (repeatable; default both).")
+@click.option("--mode", "-m", "modes", multiple=True,
+              help="static int8, dynamic int8, fp16 (repeatable; default: the target's modes).")
 @click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
 @click.option("--eval", "eval_path", type=str, help="Held-out evaluation data (same formats). Default: bundled set.")
 @click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's).")
@@ -39,9 +40,10 @@ def cli() -> None:
 @click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size.")
+@click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
-          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, as_json) -> None:
+          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, fp16_io, as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
     MODEL is a Hugging Face model directory or an .onnx file; without it, the embedded default
@@ -52,7 +54,8 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
     config = resolve_config(model=model, target=target, modes=modes, calib=calib, eval_path=eval_path, out=out,
                             calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
-                            threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile)
+                            threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile,
+                            fp16_io=fp16_io)
     manifest = run_build(config)
     table = summary_table(manifest)
     if as_json:

@@ -45,7 +45,7 @@ class Files:
         return f"calibration/ranges-{method}.json"
 
     @staticmethod
-    def quantized(name: str) -> str:
+    def model(name: str) -> str:
         return f"model.{name}.onnx"
 
 

@@ -33,6 +33,39 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
+def partition(model: str, feeds: dict, provider: str, so_factory) -> dict:
+    """Which execution provider runs each node of the graph as ONNX Runtime partitioned it (after
+    its graph optimizations), read from one profiled run. `coverage` is the share of nodes the
+    requested provider runs itself; the rest fell back (usually to the CPU EP)."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = so_factory()
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "p")
+        sess = ort.InferenceSession(model, so, providers=[provider])
+        sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    placed = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            placed[e["name"][: -len("_kernel_time")]] = (args["provider"], args.get("op_name", "?"))
+    by_provider, fallback_ops = {}, {}
+    for prov, op in placed.values():
+        by_provider[prov] = by_provider.get(prov, 0) + 1
+        if prov != provider:
+            fallback_ops[op] = fallback_ops.get(op, 0) + 1
+    total = len(placed)
+    return {"nodes": total, "by_provider": by_provider,
+            "coverage": round(by_provider.get(provider, 0) / total, 4) if total else None,
+            "fallback_ops": dict(sorted(fallback_ops.items(), key=lambda kv: -kv[1]))}
+
+
 def main(spec: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -40,15 +73,33 @@ def main(spec: dict) -> dict:
     with np.load(spec["inputs"]) as z:
         feeds_all = {k: z[k] for k in z.files}
     rss_before = _status_mb("VmRSS")
-    so = ort.SessionOptions()
-    if spec.get("threads"):
-        so.intra_op_num_threads = int(spec["threads"])
-    so.inter_op_num_threads = 1
+
+    def session_options():
+        so = ort.SessionOptions()
+        if spec.get("threads"):
+            so.intra_op_num_threads = int(spec["threads"])
+        so.inter_op_num_threads = 1
+        return so
+
     provider = spec.get("provider", "CPUExecutionProvider")
+    if provider not in ort.get_available_providers():
+        return {"unavailable": f"not in this onnxruntime build ({', '.join(ort.get_available_providers())})"}
     sessions, feeds, load_ms = [], [], []
     for m in spec["models"]:
         t0 = time.perf_counter()
-        sess = ort.InferenceSession(m, so, providers=[provider])
+        try:
+            sess = ort.InferenceSession(m, session_options(), providers=[provider])
+        except Exception as e:
+            # The provider's fault (e.g. TensorRT listed by the build but its libraries absent) if
+            # the CPU EP loads the same model; otherwise the model's, and that is an error.
+            if sessions or provider == "CPUExecutionProvider":
+                raise
+            ort.InferenceSession(m, session_options(), providers=["CPUExecutionProvider"])
+            return {"unavailable": f"{provider} failed to create a session: {str(e).splitlines()[0][:300]}"}
+        if sess.get_providers()[0] != provider:
+            # ORT falls back to the CPU EP silently when a listed provider cannot initialise
+            return {"unavailable": f"{provider} could not be initialised (session fell back to "
+                                   f"{sess.get_providers()[0]}): missing libraries or device?"}
         load_ms.append((time.perf_counter() - t0) * 1000)
         names = {i.name for i in sess.get_inputs()}
         sessions.append(sess)
@@ -89,6 +140,8 @@ def main(spec: dict) -> dict:
     out = {"results": results, "onnxruntime": ort.__version__, "rss_before_load_mb": round(rss_before, 1)}
     if len(sessions) == 1:
         out["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
+        if spec.get("partition"):
+            out["partition"] = partition(spec["models"][0], feeds[0], provider, session_options)
     return out
 
 

@@ -12,10 +12,11 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, StageResult, model_size_bytes
+from edgeq.core import BuildContext, Files, StageResult, model_size_bytes
 
 RUNNER = Path(__file__).with_name("bench_runner.py")
 BENCH_INPUTS = "work/bench_inputs.npz"
@@ -34,12 +35,6 @@ def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.nd
     return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
 
 
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
 def run_runner(spec: dict, timeout: float = 900) -> dict:
     proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout)
@@ -50,22 +45,30 @@ def run_runner(spec: dict, timeout: float = 900) -> dict:
     return json.loads(lines[-1])
 
 
-def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int) -> list[dict]:
-    """Latency of all models interleaved in one process; load time and peak RSS of each in its own."""
+def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,
+            partition: bool = True, runner: Callable[[dict], dict] | None = None) -> list[dict] | str:
+    """Latency of all models interleaved in one process; load time, peak RSS and the provider's
+    partition of the graph for each in its own. Returns 'unavailable: <reason>' when the provider
+    cannot run here."""
+    run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (pipeline/remote.py)
     base = {"inputs": str(inputs), "provider": provider, "threads": threads}
-    lat = run_runner({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
+    lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
+    if "unavailable" in lat:
+        return f"unavailable: {lat['unavailable']}"
     out = []
     for i, m in enumerate(models):
         if "error" in lat:
             out.append({"error": lat["error"]})
             continue
-        mem = run_runner({**base, "models": [str(m)], "warmup": 2, "runs": 3})
+        mem = run({**base, "models": [str(m)], "warmup": 2, "runs": 3, "partition": partition})
         r = dict(lat["results"][i])
-        if "error" in mem:
-            r["memory_error"] = mem["error"]
+        if "error" in mem or "unavailable" in mem:
+            r["memory_error"] = mem.get("error") or mem.get("unavailable")
         else:
             r["load_ms"] = mem["results"][0]["load_ms"]
             r["peak_rss_mb"] = mem["peak_rss_mb"]
+            if "partition" in mem:
+                r["partition"] = mem["partition"]
         out.append(r)
     return out
 
@@ -75,28 +78,39 @@ def run(ctx: BuildContext) -> StageResult:
     inputs = ctx.path(BENCH_INPUTS)
     inputs.parent.mkdir(parents=True, exist_ok=True)
     np.savez(inputs, **bench_inputs(ctx, cfg["batch_size"], cfg["seq_len"]))
-    have = set(available_providers())
-    eps: dict[str, str] = {}
-    for ep in ctx.target.execution_providers:
-        eps[ep] = "measured" if ep in have else f"unavailable: not in this onnxruntime build ({sorted(have)})"
-    measured = [ep for ep, s in eps.items() if s == "measured"]
-    if not measured:
-        raise EdgeqError(f"none of target {ctx.target.name}'s execution providers are available here")
     threads = cfg["threads"] or os.cpu_count() or 1
+    models = [ctx.path(a.path) for a in ctx.artifacts]
+    eps: dict[str, str] = {}
     results: dict[str, dict[str, dict]] = {}
-    for ep in measured:
+    notes = []
+    candidates = list(ctx.target.execution_providers)
+    for ep in candidates + ["CPUExecutionProvider"]:
+        if ep in eps or (ep == "CPUExecutionProvider" and ep not in candidates and
+                         any(v == "measured" for v in eps.values())):
+            continue
         ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg['runs']} runs each")
-        rs = measure([ctx.path(a.path) for a in ctx.artifacts], inputs, ep, threads, cfg["warmup"], cfg["runs"])
+        rs = measure(models, inputs, ep, threads, cfg["warmup"], cfg["runs"])
+        if isinstance(rs, str):
+            eps[ep] = rs
+            ctx.log(f"  {ep}: {rs}")
+            continue
+        if ep not in candidates:
+            eps[ep] = "measured (fallback: none of the target's providers is available here)"
+            notes.append(f"none of {candidates} is available here; measured on {ep} for reference only")
+        else:
+            eps[ep] = "measured"
         for a, r in zip(ctx.artifacts, rs):
             results.setdefault(a.name, {})[ep] = r
+    measured = [ep for ep, st in eps.items() if st.startswith("measured")]
+    if not measured:
+        raise RuntimeError(f"no execution provider could run the artifacts: {eps}")
     primary = measured[0]
     host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
-    notes = []
     if ctx.target.arch not in ("any", host):
         notes.append(f"measured on this {host} host, not on {ctx.target.arch} hardware: "
                      "latencies and speedups say nothing about the device")
     fp32 = results["fp32"][primary]
-    fp32_size = model_size_bytes(ctx.path("model.fp32.onnx"))
+    fp32_size = model_size_bytes(ctx.path(Files.FP32))
     for a in ctx.artifacts:
         r = results[a.name][primary]
         size = model_size_bytes(ctx.path(a.path))
@@ -109,6 +123,8 @@ def run(ctx: BuildContext) -> StageResult:
         for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb"):
             if k in r:
                 a.metrics[k] = r[k]
+        if "partition" in r:
+            a.metrics["ep_coverage"] = r["partition"]["coverage"]
         if "error" not in fp32:
             a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
     return StageResult(

@@ -49,7 +49,7 @@ def run(ctx: BuildContext) -> StageResult:
         sess = ort.InferenceSession(str(ctx.path(a.path)), providers=["CPUExecutionProvider"])
         raw, pools = [], []
         for feeds, mask in ctx.track(samples, len(samples), f"evaluate {a.name}"):
-            o = sess.run(None, feeds)[0]
+            o = sess.run(None, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
             pools.append(pooled(o, mask))
             raw.append(o[mask.astype(bool)] if (o.ndim == 3 and mask is not None) else o)
         outputs[a.name] = (raw, np.concatenate(pools))

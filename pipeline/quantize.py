@@ -39,11 +39,11 @@ def run(ctx: BuildContext) -> StageResult:
     if "static" in modes:
         s, m = _static(ctx)
         settings["static"], metrics["static"] = s, m
-        outputs.append(Files.quantized("int8-static"))
+        outputs.append(Files.model("int8-static"))
     if "dynamic" in modes:
         s, m = _dynamic(ctx)
         settings["dynamic"], metrics["dynamic"] = s, m
-        outputs.append(Files.quantized("int8-dynamic"))
+        outputs.append(Files.model("int8-dynamic"))
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
 
@@ -64,16 +64,18 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     r = ctx.target.static
     method = ctx.config["calibration"]["method"]
     src = ctx.path(Files.FP32)
-    out = ctx.path(Files.quantized("int8-static"))
+    out = ctx.path(Files.model("int8-static"))
     model = onnx.load(str(src), load_external_data=False)
     kept = nodes_kept_float(model, set(r.op_types), set(r.keep_float_after))
     quantized = [n.name for n in model.graph.node if n.op_type in r.op_types and n.name not in {k["node"] for k in kept}]
     if not quantized:
         raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
-    extra = {**_common_extra(), "ActivationSymmetric": r.activation_symmetric, "WeightSymmetric": True}
+    extra = {**_common_extra(), "ActivationSymmetric": r.activation_symmetric,
+             "WeightSymmetric": r.weight_symmetric}
     settings = {"format": r.format, "activation_type": r.activation_type, "weight_type": r.weight_type,
                 "per_channel": r.per_channel, "reduce_range": r.reduce_range,
-                "activation_symmetric": r.activation_symmetric, "op_types": list(r.op_types),
+                "activation_symmetric": r.activation_symmetric, "weight_symmetric": r.weight_symmetric,
+                "op_types": list(r.op_types),
                 "calibration": method, "keep_float_after": list(r.keep_float_after)}
     quantize_static(
         str(src), str(out), calibration_data_reader=None,
@@ -86,7 +88,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
         nodes_to_exclude=[k["node"] for k in kept], extra_options=extra,
     )
     _check(out)
-    ctx.artifacts.append(Artifact(name="int8-static", path=Files.quantized("int8-static"), precision="int8",
+    ctx.artifacts.append(Artifact(name="int8-static", path=Files.model("int8-static"), precision="int8",
                                   recipe={"mode": "static", **settings, "kept_float": kept}))
     return settings, {"quantized_nodes": len(quantized), "kept_float": kept,
                       "size_bytes": model_size_bytes(out)}
@@ -97,14 +99,14 @@ def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
 
     r = ctx.target.dynamic
     src = ctx.path(Files.FP32)
-    out = ctx.path(Files.quantized("int8-dynamic"))
+    out = ctx.path(Files.model("int8-dynamic"))
     settings = {"weight_type": r.weight_type, "per_channel": r.per_channel, "reduce_range": r.reduce_range,
                 "op_types": list(r.op_types), "activations": "uint8, scale computed per inference"}
     quantize_dynamic(str(src), str(out), op_types_to_quantize=list(r.op_types), per_channel=r.per_channel,
                      reduce_range=r.reduce_range, weight_type=getattr(QuantType, _QTYPE[r.weight_type]),
                      extra_options=_common_extra())
     _check(out)
-    ctx.artifacts.append(Artifact(name="int8-dynamic", path=Files.quantized("int8-dynamic"), precision="int8",
+    ctx.artifacts.append(Artifact(name="int8-dynamic", path=Files.model("int8-dynamic"), precision="int8",
                                   recipe={"mode": "dynamic", **settings}))
     return settings, {"size_bytes": model_size_bytes(out)}
 

@@ -15,6 +15,9 @@ from typing import Any
 from edgeq.core import EdgeqError
 
 QUANT_TYPES = {"int8", "uint8"}
+MODES = ("static", "dynamic", "fp16")
+PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
+                "reduced_ops": bool, "mobile_readme": bool}
 FORMATS = {"QDQ", "QOperator"}
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 
@@ -27,6 +30,7 @@ class StaticRecipe:
     per_channel: bool = True
     reduce_range: bool = False
     activation_symmetric: bool = False
+    weight_symmetric: bool = True
     op_types: tuple[str, ...] = ("MatMul",)
     keep_float_after: tuple[str, ...] = ()
     calibration: str = "minmax"
@@ -58,6 +62,13 @@ class DynamicRecipe:
 
 
 @dataclass(frozen=True)
+class Fp16Recipe:
+    keep_io_types: bool = True  # model inputs/outputs stay fp32 unless asked
+    # ops left in fp32 (their inputs are cast at the boundary); empty means onnxruntime's default list
+    op_block_list: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -67,11 +78,24 @@ class Target:
     opset: int
     static: StaticRecipe
     dynamic: DynamicRecipe
+    fp16: Fp16Recipe = Fp16Recipe()
+    modes: tuple[str, ...] = ("static", "dynamic")
     package: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.execution_providers:
             raise ValueError("execution_providers must list at least one provider")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a non-empty subset of {list(MODES)}, got {list(self.modes)}")
+        if self.arch not in ("x86_64", "aarch64", "any"):
+            raise ValueError(f"arch must be x86_64, aarch64 or any, got {self.arch!r}")
+        for k, v in self.package.items():
+            if k not in PACKAGE_KEYS or not isinstance(v, PACKAGE_KEYS[k]):
+                raise ValueError(f"package.{k}: unknown key or wrong type (known: {sorted(PACKAGE_KEYS)})")
+        if self.package.get("ort_optimization_style", "Fixed") not in ("Fixed", "Runtime"):
+            raise ValueError("package.ort_optimization_style must be 'Fixed' or 'Runtime'")
+        if self.package.get("ort_target_platform", "arm") not in ("arm", "amd64"):
+            raise ValueError("package.ort_target_platform must be 'arm' or 'amd64'")
         if not 13 <= self.opset <= 23:
             # per-channel QDQ needs opset 13; the exporters we use stop at 23
             raise ValueError(f"opset must be between 13 and 23, got {self.opset}")
@@ -111,13 +135,19 @@ def parse(text: str, source: str = "<profile>") -> Target:
         raw = tomllib.loads(text)
         static = raw.pop("static", {})
         dynamic = raw.pop("dynamic", {})
+        fp16 = raw.pop("fp16", {})
         package = raw.pop("package", {})
+        if "op_block_list" in fp16:
+            fp16["op_block_list"] = tuple(fp16["op_block_list"])
+        if "modes" in raw:
+            raw["modes"] = tuple(raw["modes"])
         for key in ("op_types", "keep_float_after"):
             if key in static:
                 static[key] = tuple(static[key])
         if "op_types" in dynamic:
             dynamic["op_types"] = tuple(dynamic["op_types"])
         raw["execution_providers"] = tuple(raw.get("execution_providers", ()))
-        return Target(static=StaticRecipe(**static), dynamic=DynamicRecipe(**dynamic), package=package, **raw)
+        return Target(static=StaticRecipe(**static), dynamic=DynamicRecipe(**dynamic), fp16=Fp16Recipe(**fp16),
+                      package=package, **raw)
     except (tomllib.TOMLDecodeError, TypeError, ValueError) as e:
         raise EdgeqError(f"invalid target profile {source}: {e}") from None

@@ -116,7 +116,7 @@ def test_json_contract(tiny_bert, tmp_path):
         assert set(a) >= {"name", "path", "sha256", "size_bytes", "precision", "metrics"}
         assert Path(a["path"]).is_file() and Path(a["path"]).stat().st_size == a["size_bytes"]
         assert {"cosine", "latency_p50_ms", "speedup_vs_fp32"} <= set(a["metrics"])
-    assert "[7/7] package" in r.stderr and "speedup" in r.stderr  # progress and table on stderr
+    assert "[8/8] package" in r.stderr and "speedup" in r.stderr  # progress and table on stderr
 
 
 def test_onnx_input_with_external_data(tiny_build, tmp_path):
@@ -161,7 +161,7 @@ def test_sigterm_mid_build_leaves_nothing_complete(tiny_bert, tmp_path):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     # wait until the build is inside a stage, then terminate it
     for line in proc.stderr:
-        if "[2/7] optimize" in line:
+        if "[2/8] optimize" in line:
             break
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
