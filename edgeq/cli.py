@@ -79,6 +79,54 @@ def list_targets() -> None:
                    f"fp16 compute: {'yes' if t.fp16_compute else 'no'}; EPs: {', '.join(t.execution_providers)}")
 
 
+@cli.command("bench")
+@click.argument("artifact_dir")
+@click.option("--host", required=True, help="The device, as [user@]host (reached with the system ssh).")
+@click.option("--port", "-p", type=int, help="ssh port (default: ssh's, usually 22).")
+@click.option("--identity", "-i", help="Private key file for ssh (-i).")
+@click.option("--known-hosts", help="known_hosts file to use instead of ~/.ssh/known_hosts.")
+@click.option("--ssh-option", "ssh_options", multiple=True, help="Extra ssh/scp option Key=Value (-o; repeatable).")
+@click.option("--connect-timeout", type=int, default=10, show_default=True, help="Seconds to wait for ssh to connect.")
+@click.option("--python", "python", default="python3", show_default=True,
+              help="Python on the device (needs numpy and onnxruntime).")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per artifact.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per artifact first.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads (0: all cores of the device).")
+@click.option("--provider", help="Execution provider (default: the target's first one the device has, else CPU).")
+@click.option("--remote-dir", help="Where to make the temporary directory on the device (default: its temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (the table goes to stderr).")
+def bench(artifact_dir, host, port, identity, known_hosts, ssh_options, connect_timeout, python, runs, warmup,
+          threads, provider, remote_dir, as_json) -> None:
+    """Benchmark the artifacts of ARTIFACT_DIR (a finished build) on a device over ssh.
+
+    Copies the models, the benchmark inputs and the standalone runner to a temporary directory on
+    the device, measures them there with the device's own python and onnxruntime, removes the
+    directory and records the numbers in the manifest under remote_benchmarks["user@host[:port]"].
+    """
+    from pathlib import Path
+
+    from edgeq.core import load_manifest
+    from edgeq.pipeline.remote import SshTarget, bench as run_bench, table
+
+    build_dir = Path(artifact_dir)
+    manifest = load_manifest(build_dir)  # a user error before anything touches the network
+    ssh = SshTarget(host=host, port=port, identity=Path(identity) if identity else None,
+                    known_hosts=Path(known_hosts) if known_hosts else None, connect_timeout=connect_timeout,
+                    options=tuple(ssh_options))
+    log = (lambda m: click.echo(m, err=True)) if sys.stderr.isatty() else (lambda m: None)
+    record, removed_dir = run_bench(build_dir, ssh, python=python, runs=runs, warmup=warmup, threads=threads,
+                                    provider=provider, remote_parent=remote_dir, log=log)
+    text = table(record, model=f"{manifest['model']['name']} ({manifest['target']['name']})")
+    if as_json:
+        click.echo(text, err=True)
+        click.echo(json.dumps({"build_dir": str(build_dir.resolve()),
+                               "manifest": str((build_dir / "manifest.json").resolve()),
+                               "remote_dir": removed_dir, **record}, indent=2))
+    else:
+        click.echo(text)
+        click.echo(f"recorded in {build_dir / 'manifest.json'} under remote_benchmarks[{record['host']!r}]")
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
