@@ -245,7 +245,8 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
-    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", "p50 ms", "p90 ms", "speedup", "RSS MB")]
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", "p50 ms", "p90 ms", "speedup", "RSS MB",
+             "EP nodes")]
     for a in manifest["artifacts"]:
         m = a["metrics"]
 
@@ -254,12 +255,13 @@ def summary_table(manifest: dict[str, Any]) -> str:
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
                      f("cosine", ".4f"), f("cosine_min", ".4f"), f("latency_p50_ms", ".2f"),
                      f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
-                     f("peak_rss_mb", ".0f")))
+                     f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
             f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
+    eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
     notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
-    return "\n".join([head, *lines, *notes])
+    return "\n".join([head, *lines, *eps, *notes])

@@ -74,9 +74,14 @@ def list_targets() -> None:
     for n in targets.available():
         t = targets.load(n)
         s = t.static
-        click.echo(f"{n:12s} {t.description}\n{'':12s} static {s.format} {s.activation_type}/{s.weight_type}"
-                   f"{' per-channel' if s.per_channel else ''}{' reduce-range' if s.reduce_range else ''}; "
-                   f"fp16 compute: {'yes' if t.fp16_compute else 'no'}; EPs: {', '.join(t.execution_providers)}")
+        pkg = [k for k in ("ort_format", "reduced_ops") if t.package.get(k)]
+        click.echo(f"{n:12s} {t.description}\n"
+                   f"{'':12s} arch {t.arch}; builds {', '.join(t.modes)}; EPs {', '.join(t.execution_providers)}; "
+                   f"fp16 compute: {'yes' if t.fp16_compute else 'no'}\n"
+                   f"{'':12s} static int8: {s.format} {s.activation_type}/{s.weight_type}"
+                   f"{' per-channel' if s.per_channel else ' per-tensor'}{' reduce-range' if s.reduce_range else ''}"
+                   f"{' symmetric' if s.activation_symmetric else ''}, {s.calibration}"
+                   + (f"; package: {', '.join(pkg)}" if pkg else ""))
 
 
 @cli.command("bench")

@@ -58,6 +58,7 @@ class Artifact:
     precision: str  # "fp32", "int8"
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)  # other encodings of the same model: {"ort": "model.x.ort"}
 
 
 @dataclass

@@ -366,3 +366,113 @@ def test_calibration_method_option(tiny_bert, tmp_path, method):
     ranges = json.loads((b / f"calibration/ranges-{method}.json").read_text())
     assert method.capitalize() in json.dumps(ranges["calibration_method"])
     assert {a["name"]: a for a in m["artifacts"]}["int8-static"]["metrics"]["cosine"] > 0.9
+
+
+# -- targets and execution providers ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_build(tiny_bert, tmp_path_factory):
+    from conftest import run_build
+
+    return run_build(tiny_bert, tmp_path_factory.mktemp("cuda"), target="cuda")
+
+
+def test_cuda_target_makes_a_valid_fp16_artifact(cuda_build):
+    b = _bdir(cuda_build)
+    assert [a["name"] for a in cuda_build["artifacts"]] == ["fp32", "fp16"]
+    model = onnx.load(str(b / "model.fp16.onnx"))
+    onnx.checker.check_model(model)
+    # weights in fp16, inputs and outputs keep their types, Casts at the boundary
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer) > 10
+    assert not [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims
+                and np.prod(i.dims) > 64]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.INT64}
+    assert _ops(b / "model.fp16.onnx")["Cast"] >= 1
+    fp16 = {a["name"]: a for a in cuda_build["artifacts"]}["fp16"]
+    assert fp16["precision"] == "fp16" and fp16["metrics"]["cosine"] > 0.999
+    assert fp16["metrics"]["size_vs_fp32"] < 0.6
+
+
+def test_unavailable_providers_are_named_with_a_reason(cuda_build):
+    import onnxruntime as ort
+
+    eps = _stage(cuda_build, "benchmark")["metrics"]["execution_providers"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA EP")
+    assert eps["CUDAExecutionProvider"].startswith("unavailable: not in this onnxruntime build")
+    assert eps["CPUExecutionProvider"].startswith("measured (fallback")
+    assert any("reference only" in n for n in _stage(cuda_build, "benchmark")["metrics"]["notes"])
+
+
+def test_fp16_io_option(tiny_bert, tmp_path):
+    from conftest import run_build
+
+    m = run_build(tiny_bert, tmp_path, target="cuda", fp16_io=True)
+    model = onnx.load(str(_bdir(m) / "model.fp16.onnx"))
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {a["name"]: a for a in m["artifacts"]}["fp16"]["metrics"]["cosine"] > 0.999
+
+
+def test_partition_coverage_is_recorded(tiny_build):
+    for a in tiny_build["artifacts"]:
+        part = a["metrics"]["benchmark"]["CPUExecutionProvider"]["partition"]
+        assert part["nodes"] > 0 and part["by_provider"] == {"CPUExecutionProvider": part["nodes"]}
+        assert a["metrics"]["ep_coverage"] == 1.0
+
+
+def test_runner_says_why_a_provider_is_unavailable(tiny_build):
+    from edgeq.pipeline.benchmark import run_runner
+
+    b = _bdir(tiny_build)
+    r = run_runner({"models": [str(b / "model.fp32.onnx")], "inputs": str(b / "work/bench_inputs.npz"),
+                    "provider": "NnapiExecutionProvider", "runs": 1})
+    assert r["unavailable"].startswith("not in this onnxruntime build")
+
+
+def test_arm64_mobile_package(tiny_cls_build):
+    b = _bdir(tiny_cls_build)
+    pkg = _stage(tiny_cls_build, "package")
+    for a in tiny_cls_build["artifacts"]:
+        ort_file = b / a["formats"]["ort"]
+        assert ort_file.suffix == ".ort" and ort_file.stat().st_size > 1000
+        check = pkg["metrics"]["ort"]["ort_vs_onnx"][a["name"]]
+        assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
+    # the .ort loads in onnxruntime and reproduces the .onnx
+    z = dict(np.load(b / "work/bench_inputs.npz"))
+    outs = [ort.InferenceSession(str(b / f), providers=["CPUExecutionProvider"]).run(None, z)[0]
+            for f in ("model.fp32.onnx", "model.fp32.ort")]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    config = (b / "required_operators.config").read_text().splitlines()
+    ops = {op for ln in config if not ln.startswith("#") for op in ln.split(";")[2].split(",")}
+    assert {"Attention", "SkipLayerNormalization", "QAttention"} <= ops
+    assert not any("/tmp" in ln or "staging" in ln for ln in config)
+    readme = (b / "README.md").read_text()
+    for needle in ("`input_ids` | int64 | [batch_size, sequence_length]", "`logits` | float32",
+                   "OrtEnvironment.getEnvironment()", "ORTSession(env: env", "model.int8-static.ort",
+                   "tokenizer/", "argmax of the logits"):
+        assert needle in readme, needle
+    files = {f["path"] for f in tiny_cls_build["files"]}
+    assert {"model.fp32.ort", "required_operators.config", "README.md"} <= files
+
+
+def test_x86_target_has_no_mobile_package(tiny_build):
+    b = _bdir(tiny_build)
+    assert not list(b.glob("*.ort")) and not (b / "README.md").exists()
+
+
+def test_runtime_style_ort_for_ep_targets(tiny_bert, tmp_path):
+    """EP targets (XNNPACK, NNAPI, CoreML) keep runtime optimization records instead of CPU-fixed graphs."""
+    from conftest import run_build
+
+    m = run_build(tiny_bert, tmp_path, target="xnnpack")
+    b = _bdir(m)
+    pkg = _stage(m, "package")["metrics"]["ort"]
+    assert pkg["optimization_style"] == "Runtime"
+    assert sorted(p.name for p in b.glob("*.ort")) == ["model.fp32.ort", "model.int8-dynamic.ort",
+                                                       "model.int8-static.ort"]
+    assert "--minimal_build extended" in (b / "required_operators.config").read_text()
+    assert "addXnnpack" in (b / "README.md").read_text()
+    eps = _stage(m, "benchmark")["metrics"]["execution_providers"]
+    assert eps["XnnpackExecutionProvider"].startswith("unavailable")
+    assert eps["CPUExecutionProvider"] == "measured"
