@@ -82,6 +82,11 @@ def main(spec: dict) -> dict:
         return so
 
     provider = spec.get("provider", "CPUExecutionProvider")
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and hasattr(ort, "preload_dlls"):
+        try:  # CUDA/cuDNN from the nvidia-* pip packages (as PyTorch installs them), when present
+            ort.preload_dlls()
+        except Exception:
+            pass
     if provider not in ort.get_available_providers():
         return {"unavailable": f"not in this onnxruntime build ({', '.join(ort.get_available_providers())})"}
     sessions, feeds, load_ms = [], [], []
