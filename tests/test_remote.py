@@ -103,9 +103,9 @@ class Sshd:
                 self.proc.kill()
                 self.proc.wait()
 
-    def args(self, key: Path | None = None, port: int | None = None) -> list[str]:
+    def args(self, key: Path | None = None, port: int | None = None, known_hosts: Path | None = None) -> list[str]:
         return ["--host", f"{self.user}@127.0.0.1", "--port", str(port or self.port),
-                "--identity", str(key or self.client_key), "--known-hosts", str(self.known_hosts),
+                "--identity", str(key or self.client_key), "--known-hosts", str(known_hosts or self.known_hosts),
                 "--connect-timeout", "5"]
 
 
@@ -195,6 +195,15 @@ def test_unreachable_port_is_one_line(sshd, build_copy):
 def test_authentication_failure_is_one_line(sshd, build_copy):
     r = edgeq("bench", str(build_copy), *sshd.args(key=sshd.other_key), "--python", sys.executable, *RUNS)
     assert_one_line_error(r, "authentication to", "failed")
+
+
+def test_changed_host_key_is_refused(sshd, build_copy, tmp_path):
+    """accept-new records a new host key but never accepts a changed one."""
+    known = tmp_path / "known_hosts"
+    other = Path(str(sshd.other_key) + ".pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    r = edgeq("bench", str(build_copy), *sshd.args(known_hosts=known), "--python", sys.executable, *RUNS)
+    assert_one_line_error(r, "host key of", "does not match known_hosts")
 
 
 def test_remote_python_missing(sshd, build_copy):
