@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from edgeq.core import EdgeqError, Files, load_manifest, onnx_files
+from edgeq.core import EdgeqError, load_manifest, onnx_files
 
 BENCH_INPUTS = "work/bench_inputs.npz"
 REMOTE_PREFIX = "edgeq-bench-"
