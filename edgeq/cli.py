@@ -132,6 +132,31 @@ def bench(artifact_dir, host, port, identity, known_hosts, ssh_options, connect_
         click.echo(f"recorded in {build_dir / 'manifest.json'} under remote_benchmarks[{record['host']!r}]")
 
 
+@cli.command()
+@click.argument("artifact_dir")
+@click.option("--target", "-t", help="An aarch64 target profile to emulate (default: the build's target).")
+@click.option("--cache-dir", help="Where the emulator is set up, once "
+                                  "(default: $EDGEQ_CACHE/aarch64, else ~/.cache/edgeq/aarch64).")
+@click.option("--install-deps", is_flag=True, help="As root: apt-get install QEMU >= 10 and mmdebstrap if missing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the parity record as one JSON object on stdout "
+                                                      "(the table goes to stderr).")
+def parity(artifact_dir, target, cache_dir, install_deps, as_json) -> None:
+    """Run ARTIFACT_DIR's artifacts on an emulated aarch64 CPU (QEMU) and compare with this machine.
+
+    Records the result in the manifest under parity[<target>]. Exit 0: parity holds; 3: it does not
+    (a failed check); 2: user error, or emulation cannot be set up (the message says why).
+    """
+    from edgeq.pipeline.parity import EXIT_PARITY_FAILED, run_parity, table
+
+    log = (lambda m: click.echo(m, err=True)) if sys.stderr.isatty() else (lambda m: None)
+    record = run_parity(artifact_dir, target, cache_dir=cache_dir, install_deps=install_deps, log=log)
+    click.echo(table(record), err=as_json)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    if record["status"] != "passed":
+        sys.exit(EXIT_PARITY_FAILED)
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
