@@ -640,7 +640,7 @@ def run_parity(build_dir: Path | str, target: str | None = None, *, cache_dir: P
 
 def table(record: dict[str, Any]) -> str:
     """The short table `edgeq parity` prints: one row per artifact, then one summary line."""
-    head = ("artifact", "precision", "max abs diff", "tolerance", "cos vs fp32 x86/arm", "verdict")
+    head = ("artifact", "precision", "max abs diff", "tolerance", "cos vs fp32 native/emu", "verdict")
     rows = []
     for name, r in record["artifacts"].items():
         cos = r.get("cosine_vs_fp32")
