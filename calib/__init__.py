@@ -77,20 +77,47 @@ def read_texts(path: Path, limit: int | None = None, text_field: str = "text",
     return texts
 
 
-def read_npz(path: Path, input_names: list[str], what: str = "calibration") -> dict[str, np.ndarray]:
+def read_npz(path: Path, input_names: list[str], what: str = "calibration",
+             specs: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Arrays named after the model inputs, first axis = samples. With `specs` ({name: {"dtype",
+    "rank"}} of the model's inputs), dtype and rank are checked so a mismatch is a clear user error
+    instead of an ONNX Runtime failure mid-build."""
     check_readable(path, what)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise EdgeqError(f"{what} file {path.name} is not a .npz archive of arrays") from None
+        raise EdgeqError(f"cannot read {what} file {path.name} as .npz: {e}") from None
     except Exception as e:  # numpy raises many types for a corrupt archive
-        raise EdgeqError(f"cannot read {what} file {path} as .npz: {e}") from None
+        raise EdgeqError(f"cannot read {what} file {path.name} as .npz: {e}") from None
     missing = [n for n in input_names if n not in arrays]
     if missing:
         raise EdgeqError(f"{what} file {path} lacks arrays for model inputs: {', '.join(missing)}")
+    for n in input_names:
+        a = arrays[n]
+        if a.ndim == 0:
+            raise EdgeqError(f"{what} file {path.name}: '{n}' is a scalar; the first axis must count samples")
+        spec = (specs or {}).get(n)
+        if spec and a.dtype.name != spec["dtype"]:
+            raise EdgeqError(f"{what} file {path.name}: '{n}' is {a.dtype.name}, the model takes {spec['dtype']}")
+        if spec and spec.get("rank") is not None and a.ndim != spec["rank"]:
+            raise EdgeqError(f"{what} file {path.name}: '{n}' has {a.ndim} dimensions, the model takes "
+                             f"{spec['rank']} (first axis = samples)")
     counts = {len(arrays[n]) for n in input_names}
     if len(counts) != 1 or 0 in counts:
         raise EdgeqError(f"{what} file {path}: arrays must share a non-zero first (sample) axis")
     return {n: arrays[n] for n in input_names}
+
+
+def npz_calibration_share(n: int, shared: bool) -> tuple[slice, slice]:
+    """(calibration, evaluation) sample ranges: when one .npz serves both, the last quarter is held
+    out from calibration so fidelity is never measured on calibration samples."""
+    if not shared:
+        return slice(0, n), slice(0, n)
+    cut = max(1, n - max(1, n // 4))
+    return slice(0, cut), slice(cut, n)
 
 
 class TextFeeds:

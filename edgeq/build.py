@@ -25,6 +25,7 @@ from edgeq.core import (
     library_versions, machine_info,
 )
 
+_HOST = "".join(c if c.isalnum() else "_" for c in platform.node())[:40] or "host"
 STAGES = ("export", "optimize", "calibrate", "quantize", "precision", "evaluate", "benchmark", "package")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
@@ -94,8 +95,17 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     # Read the data now (text is cheap to read) so a bad file fails before anything is written.
     for f, what, n in ((calib_file, "calibration", calib_samples), (eval_file, "evaluation", eval_samples)):
         check_readable(f, what)
+        data_format(f, what)
         if f.suffix.lower() != ".npz":
             read_texts(f, limit=n, text_field=text_field, what=what)
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
+    if kind == "hf":
+        hf_config = _check_hf_model(model_path, Path(tokenizer) if tokenizer else model_path)
+        positions = hf_config.get("max_position_embeddings")
+        for label, v in (("--seq-len", seq_len), ("--max-length", max_length)):
+            if isinstance(positions, int) and v > positions:
+                raise EdgeqError(f"{label} {v} exceeds the model's {positions} positions (max_position_embeddings)")
     if kind == "onnx":
         from edgeq.pipeline.export import check_onnx
 
@@ -105,8 +115,6 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if text_data and not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
             raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
                              "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
-    if tokenizer and not Path(tokenizer).is_dir():
-        raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
     for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", eval_samples, 1),
                          ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
                          ("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
@@ -114,8 +122,13 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             raise EdgeqError(f"{label} must be at least {lo}, got {v}")
     if not 0 < percentile <= 100:
         raise EdgeqError(f"--percentile must be in (0, 100], got {percentile}")
+    name = name or _model_name(model_path, kind)
+    if not targets.NAME_RE.fullmatch(name):
+        # the name becomes a directory under --out: no separators, no '.'/'..', nothing absolute
+        raise EdgeqError(f"model name {name!r} can't be a folder name: use letters, digits, '.', '_', '-' (--name)")
+    out_dir = _writable_dir(Path(out).expanduser().resolve())
     return {
-        "model": str(model_path), "model_kind": kind, "name": name or _model_name(model_path, kind),
+        "model": str(model_path), "model_kind": kind, "name": name,
         "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
         "max_length": max_length, "export_atol": 1e-3,
         "fp16": {"keep_io_types": profile.fp16.keep_io_types and not fp16_io,
@@ -125,8 +138,45 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         "evaluation": {"path": str(eval_file), "samples": eval_samples},
         "benchmark": {"batch_size": batch_size, "seq_len": seq_len, "runs": runs, "warmup": warmup,
                       "threads": threads},
-        "out": str(Path(out).expanduser().resolve()),
+        "out": str(out_dir),
     }
+
+
+DATA_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npz": "npz"}
+# Decoder and encoder-decoder heads: not what the encoder pipeline exports or evaluates.
+_UNSUPPORTED_ARCH = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def data_format(path: Path, what: str) -> str:
+    fmt = DATA_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise EdgeqError(f"{what} file {path.name}: unsupported format '{path.suffix or '(no extension)'}' "
+                         f"(use .txt with one sample per line, .jsonl, or .npz)")
+    return fmt
+
+
+def _check_hf_model(model_dir: Path, tokenizer_dir: Path) -> dict:
+    from edgeq.pipeline.export import read_hf_config
+
+    cfg = read_hf_config(model_dir)
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith(_UNSUPPORTED_ARCH) for a in archs) or cfg.get("is_encoder_decoder"):
+        raise EdgeqError(f"{model_dir.name}: {', '.join(archs) or cfg.get('model_type')} is a generative model; "
+                         "edgeq builds encoder models (feature extraction, sequence classification) for now")
+    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise EdgeqError(f"no tokenizer files in {tokenizer_dir} (tokenizer.json, vocab.txt...): pass --tokenizer DIR")
+    return cfg
+
+
+def _writable_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise EdgeqError(f"--out {path} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EdgeqError(f"--out {path}: no permission to write in {probe}")
+    return path
 
 
 def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -136,7 +186,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     final = Path(config["out"]) / config["name"] / config["target"]
-    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    staging = final.parent / f".{final.name}.staging-{_HOST}-{os.getpid()}"
     _remove_abandoned(final)
     if staging.exists():
         shutil.rmtree(staging)
@@ -188,16 +238,19 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
         _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            final.parent.rmdir()  # only when empty: a first build that failed leaves nothing
         raise
     manifest["build_dir"] = str(final)
     return manifest
 
 
 def _remove_abandoned(final: Path) -> None:
-    """Staging/old directories left by builds that were killed (their process no longer exists)."""
+    """Staging/old directories left by builds on this host that were killed (their process no longer
+    exists). Directories of other hosts (a shared artifacts/ folder) are left alone."""
     if not final.parent.is_dir():
         return
-    for p in final.parent.glob(f".{final.name}.*-*"):
+    for p in final.parent.glob(f".{final.name}.*-{_HOST}-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
@@ -217,7 +270,7 @@ def _publish(staging: Path, final: Path) -> None:
     """Swap the finished staging directory into place; the old build is removed only afterwards."""
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{_HOST}-{os.getpid()}"
         os.replace(final, old)
     os.replace(staging, final)
     if old is not None:
@@ -239,9 +292,11 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
                                               "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
                                               "size_vs_fp32") if k in m},
         })
+    bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
     return {"model": manifest["model"]["name"], "target": manifest["target"]["name"],
             "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
-            "build_seconds": manifest["build_seconds"], "artifacts": arts}
+            "build_seconds": manifest["build_seconds"], "artifacts": arts,
+            "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", [])}
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Command line: thin wrappers over edgeq.build. User errors are one line on stderr and exit 2."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,10 +15,13 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(package_name="edgeq")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Turn trained models into small, fast, measured ONNX artifacts for edge devices."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @cli.command()
@@ -56,14 +60,16 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
                             threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile,
                             fp16_io=fp16_io)
-    manifest = run_build(config)
-    table = summary_table(manifest)
     if as_json:
-        click.echo(table, err=True)
-        click.echo(json.dumps(json_summary(manifest), indent=2))
-    else:
-        click.echo(table)
-        click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
+        with stdout_to_stderr() as real_stdout:
+            manifest = run_build(config)
+            click.echo(summary_table(manifest), err=True)
+        real_stdout.write(json.dumps(json_summary(manifest), indent=2) + "\n")
+        real_stdout.flush()
+        return
+    manifest = run_build(config)
+    click.echo(summary_table(manifest))
+    click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
 
 
 @cli.command("targets")
@@ -157,35 +163,59 @@ def parity(artifact_dir, target, cache_dir, install_deps, as_json) -> None:
         sys.exit(EXIT_PARITY_FAILED)
 
 
+class Interrupted(BaseException):
+    """Raised by the SIGINT/SIGTERM handlers. Not KeyboardInterrupt: click would print a blank line
+    for that; a BaseException still unwinds every `finally` (the build removes its staging dir)."""
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """For --json: everything written to file descriptor 1 while the block runs (native libraries,
+    subprocesses, not only Python's sys.stdout) goes to stderr; yields a stream on the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield os.fdopen(os.dup(saved), "w")
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so the build removes its staging directory.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("edgeq: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
         click.echo("edgeq: interrupted", err=True)
         sys.exit(130)
     except click.UsageError as e:
-        click.echo(f"edgeq: error: {e.format_message()}", err=True)
+        click.echo(f"edgeq: error: {_one_line(e.format_message())}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except click.ClickException as e:
-        click.echo(f"edgeq: error: {e.format_message()}", err=True)
+        click.echo(f"edgeq: error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except EdgeqError as e:
-        click.echo(f"edgeq: error: {e}", err=True)
+        click.echo(f"edgeq: error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not the user's doing: one line, traceback on request
         if os.environ.get("EDGEQ_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"edgeq: internal error: {type(e).__name__}: {msg} (set EDGEQ_DEBUG=1 for a traceback)", err=True)
+        click.echo(f"edgeq: internal error: {type(e).__name__}: {_one_line(msg, 300)} "
+                   "(set EDGEQ_DEBUG=1 for a traceback)", err=True)
         sys.exit(EXIT_INTERNAL_ERROR)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.core import BuildContext, Files, StageResult, model_size_bytes
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
 
 RUNNER = Path(__file__).with_name("bench_runner.py")
 BENCH_INPUTS = "work/bench_inputs.npz"
@@ -28,7 +28,7 @@ def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.nd
 
     eval_path = Path(ctx.config["evaluation"]["path"])
     if eval_path.suffix.lower() == ".npz":
-        arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation")
+        arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
         return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
     text = " ".join(read_texts(eval_path, limit=200, what="evaluation"))
     feeds = model_feeds(TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], seq_len)([text], pad_to=seq_len))
@@ -110,6 +110,9 @@ def run(ctx: BuildContext) -> StageResult:
         notes.append(f"measured on this {host} host, not on {ctx.target.arch} hardware: "
                      "latencies and speedups say nothing about the device")
     fp32 = results["fp32"][primary]
+    if "error" in fp32:
+        raise EdgeqError(f"the fp32 model cannot run the benchmark input ({cfg['batch_size']} x {cfg['seq_len']}): "
+                         f"{fp32['error']}")
     fp32_size = model_size_bytes(ctx.path(Files.FP32))
     for a in ctx.artifacts:
         r = results[a.name][primary]
@@ -119,6 +122,7 @@ def run(ctx: BuildContext) -> StageResult:
         a.metrics["benchmark"] = results[a.name]
         if "error" in r:
             a.metrics["benchmark_error"] = r["error"]
+            notes.append(f"{a.name} could not be benchmarked on {primary}: {r['error']}")
             continue
         for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb"):
             if k in r:

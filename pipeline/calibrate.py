@@ -131,6 +131,7 @@ def run(ctx: BuildContext) -> StageResult:
             model.graph.output.append(onnx.ValueInfoProto(name=n))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ranges of the graph as saved
+    so.log_severity_level = 4  # a failure is raised below with its message; no coloured log line too
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del model
     collector = RangeCollector(method, percentile=percentile, symmetric=ctx.target.static.activation_symmetric)
@@ -139,7 +140,11 @@ def run(ctx: BuildContext) -> StageResult:
     n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
     n_batches = -(-n_samples // batch_size)
     for feeds in ctx.track(_feed_batches(ctx, samples, batch_size), n_batches, "calibration batch"):
-        outs = sess.run(names, model_feeds(feeds))
+        try:
+            outs = sess.run(names, model_feeds(feeds))
+        except Exception as e:  # the user's data does not fit the model (ids out of range, shapes...)
+            raise EdgeqError(f"the model fails on calibration batch {batches + 1} of {calib_path}: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
         for n, v in zip(names, outs):
             collector.add(n, v)
         batches += 1
@@ -168,8 +173,12 @@ def _load_samples(ctx: BuildContext, calib_path: str, limit: int):
 
     path = Path(calib_path)
     if path.suffix.lower() == ".npz":
-        arrays = read_npz(path, ctx.facts["input_names"])
-        return {k: v[:limit] for k, v in arrays.items()}
+        from edgeq.calib import npz_calibration_share
+
+        arrays = read_npz(path, ctx.facts["input_names"], specs=ctx.facts.get("input_specs"))
+        n = len(next(iter(arrays.values())))
+        share = npz_calibration_share(n, shared=ctx.config["evaluation"]["path"] == str(path))[0]
+        return {k: v[share][:limit] for k, v in arrays.items()}
     if ctx.facts.get("tokenizer") is None:
         raise EdgeqError("text calibration data needs a tokenizer: pass --tokenizer DIR, or calibration tensors as .npz")
     return read_texts(path, limit=limit, text_field=ctx.config["calibration"]["text_field"])

@@ -45,11 +45,17 @@ def run(ctx: BuildContext) -> StageResult:
     samples, removed = _eval_samples(ctx)
     classifier = ctx.facts.get("task") == "text-classification"
     outputs: dict[str, tuple[list, np.ndarray]] = {}
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # failures are raised with their message below
     for a in ctx.artifacts:
-        sess = ort.InferenceSession(str(ctx.path(a.path)), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(ctx.path(a.path)), so, providers=["CPUExecutionProvider"])
         raw, pools = [], []
         for feeds, mask in ctx.track(samples, len(samples), f"evaluate {a.name}"):
-            o = sess.run(None, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
+            try:
+                o = sess.run(None, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
+            except Exception as e:  # the evaluation data does not fit the model
+                raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config['evaluation']['path']}: "
+                                 f"{str(e).strip().splitlines()[0][:300]}") from None
             pools.append(pooled(o, mask))
             raw.append(o[mask.astype(bool)] if (o.ndim == 3 and mask is not None) else o)
         outputs[a.name] = (raw, np.concatenate(pools))
@@ -72,9 +78,14 @@ def _eval_samples(ctx: BuildContext):
     cfg = ctx.config["evaluation"]
     path = Path(cfg["path"])
     if path.suffix.lower() == ".npz":
-        arrays = read_npz(path, ctx.facts["input_names"], what="evaluation")
-        n = min(len(next(iter(arrays.values()))), cfg["samples"])
-        return [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in range(n)], 0
+        from edgeq.calib import npz_calibration_share
+
+        arrays = read_npz(path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
+        n = len(next(iter(arrays.values())))
+        shared = ctx.config["calibration"]["path"] == str(path) and "static" in ctx.config["modes"]
+        held = range(n)[npz_calibration_share(n, shared)[1]]
+        removed = n - len(held)  # the samples calibration used
+        return [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg["samples"]]], removed
     if ctx.facts.get("tokenizer") is None:
         raise EdgeqError("text evaluation data needs a tokenizer: pass --tokenizer DIR, or tensors as .npz")
     calib = set(ctx.facts.get("calibration_samples") or [])

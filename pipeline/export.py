@@ -36,9 +36,12 @@ def read_hf_config(model_dir: Path) -> dict:
     if not cfg.is_file():
         raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     try:
-        return json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgeqError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{cfg}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def check_onnx(path: Path) -> None:
@@ -63,15 +66,22 @@ def run(ctx: BuildContext) -> StageResult:
 def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
     src = ctx.model_path
     check_onnx(src)
-    for f in onnx_files(src):  # the .onnx plus its external-data files, kept side by side
+    root = src.parent.resolve()
+    for f in onnx_files(src):  # the .onnx plus its external-data files, at the same relative paths
+        rel = f.resolve().relative_to(root) if f.resolve().is_relative_to(root) else None
+        if rel is None:
+            raise EdgeqError(f"{src}: external data location {f} is outside the model's folder")
         if not f.is_file():
-            raise EdgeqError(f"{src}: external data file missing: {f.name}")
-        shutil.copyfile(f, out_dir / ("model.onnx" if f == src else f.name))
+            raise EdgeqError(f"{src}: external data file missing: {rel}")
+        dst = out_dir / ("model.onnx" if f == src else rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
     # Tokenizer and config beside the .onnx (e.g. an optimum export dir), or given with --tokenizer.
     tok_dir = Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else src.parent
-    _save_tokenizer(ctx, tok_dir, required=bool(ctx.config.get("tokenizer")))
+    has_tokenizer = any((tok_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    _save_tokenizer(ctx, tok_dir, required=has_tokenizer)
     cfg = tok_dir / "config.json"
-    ctx.facts["hf_config"] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    ctx.facts["hf_config"] = read_hf_config(tok_dir) if cfg.is_file() else {}
     if ctx.facts["hf_config"]:
         shutil.copyfile(cfg, ctx.path(Files.MODEL_CONFIG))
     ctx.facts["task"] = ctx.config.get("task") or (infer_task(ctx.facts["hf_config"]) if ctx.facts["hf_config"]
@@ -90,7 +100,7 @@ def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         if required:
-            raise EdgeqError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+            raise EdgeqError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {_first_line(e)}") from None
         ctx.facts["tokenizer"] = None
         return
     tok.save_pretrained(str(ctx.path(Files.TOKENIZER_DIR)))
@@ -117,10 +127,12 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
                 str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
                 do_validation=False, local_files_only=True, trust_remote_code=False, device="cpu",
             )
-    except (OSError, ValueError, KeyError) as e:
-        raise EdgeqError(f"cannot export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:
+        # The exporter raises whatever the model's files provoke (truncated weights: SafetensorError,
+        # unknown architecture: KeyError/ValueError...): the model is the cause, so a user error.
+        raise EdgeqError(f"cannot export {model_dir.name}: {type(e).__name__}: {_first_line(e)}") from None
     shutil.copyfile(model_dir / "config.json", ctx.path(Files.MODEL_CONFIG))
-    _save_tokenizer(ctx, model_dir, required=True)
+    _save_tokenizer(ctx, Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else model_dir, required=True)
     diff = _validate_against_torch(ctx, model_dir, out_dir / "model.onnx", task)
     atol = float(ctx.config.get("export_atol", 1e-3))
     if diff["max_abs_diff"] > atol:
@@ -148,6 +160,11 @@ def _quiet_libraries():
             yield
     finally:
         transformers.logging.set_verbosity(level)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _weights_sha256(model_dir: Path) -> dict[str, str]:

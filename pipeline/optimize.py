@@ -67,6 +67,10 @@ def run(ctx: BuildContext) -> StageResult:
         shape_inference = "onnx"
     after = onnx.load(str(out), load_external_data=False)
     ctx.facts["input_names"] = [i.name for i in after.graph.input]
+    ctx.facts["input_specs"] = {
+        i.name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
+                 "rank": len(i.type.tensor_type.shape.dim) if i.type.tensor_type.HasField("shape") else None}
+        for i in after.graph.input}
     ctx.facts["output_names"] = [o.name for o in after.graph.output]
     ctx.artifacts.append(Artifact(name="fp32", path=Files.FP32, precision="fp32",
                                   recipe={"fusions": plan or None}))

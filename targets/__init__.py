@@ -7,7 +7,8 @@ is adding a file; this module only loads and validates them.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from importlib import resources
 from typing import Any
@@ -16,6 +17,7 @@ from edgeq.core import EdgeqError
 
 QUANT_TYPES = {"int8", "uint8"}
 MODES = ("static", "dynamic", "fp16")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
                 "reduced_ops": bool, "mobile_readme": bool}
 FORMATS = {"QDQ", "QOperator"}
@@ -83,6 +85,9 @@ class Target:
     package: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.name):
+            # the name becomes a directory under --out: no separators, no dot-names
+            raise ValueError(f"name must be letters, digits, '.', '_' or '-' and not start with '.', got {self.name!r}")
         if not self.execution_providers:
             raise ValueError("execution_providers must list at least one provider")
         if not self.modes or any(m not in MODES for m in self.modes):
@@ -130,24 +135,46 @@ def load(name: str) -> Target:
     return parse(text, source=f"targets/{name}.toml")
 
 
+_SCALARS = {"str": str, "bool": bool, "int": int}
+_NESTED = {"static": "StaticRecipe", "dynamic": "DynamicRecipe", "fp16": "Fp16Recipe", "package": "dict[str, Any]"}
+
+
+def _checked(cls, table: Any, prefix: str) -> dict[str, Any]:
+    """The keyword arguments for `cls` from a TOML table, every key and value type checked (TOML's
+    arrays become tuples): a misspelt key or a string where a list belongs is an error."""
+    if not isinstance(table, dict):
+        raise ValueError(f"[{prefix.rstrip('.')}] must be a table")
+    known = {f.name: f.type for f in fields(cls)}
+    kw = {}
+    for key, value in table.items():
+        where = f"{prefix}{key}"
+        typ = known.get(key)
+        if typ is None or typ in _NESTED.values():
+            raise ValueError(f"unknown key '{where}'")
+        if typ == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"'{where}' must be a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, _SCALARS[typ]) or (typ == "int" and isinstance(value, bool)):
+            raise ValueError(f"'{where}' must be a {typ}, got {type(value).__name__} {value!r}")
+        kw[key] = value
+    return kw
+
+
 def parse(text: str, source: str = "<profile>") -> Target:
     try:
         raw = tomllib.loads(text)
-        static = raw.pop("static", {})
-        dynamic = raw.pop("dynamic", {})
-        fp16 = raw.pop("fp16", {})
-        package = raw.pop("package", {})
-        if "op_block_list" in fp16:
-            fp16["op_block_list"] = tuple(fp16["op_block_list"])
-        if "modes" in raw:
-            raw["modes"] = tuple(raw["modes"])
-        for key in ("op_types", "keep_float_after"):
-            if key in static:
-                static[key] = tuple(static[key])
-        if "op_types" in dynamic:
-            dynamic["op_types"] = tuple(dynamic["op_types"])
-        raw["execution_providers"] = tuple(raw.get("execution_providers", ()))
-        return Target(static=StaticRecipe(**static), dynamic=DynamicRecipe(**dynamic), fp16=Fp16Recipe(**fp16),
-                      package=package, **raw)
+        sub = {k: raw.pop(k, {}) for k in _NESTED}
+        if not isinstance(sub["package"], dict):
+            raise ValueError("[package] must be a table")
+        top = _checked(Target, raw, "")
+        missing = [f.name for f in fields(Target) if f.name not in top and f.name not in _NESTED
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"missing key(s): {', '.join(missing)}")
+        return Target(static=StaticRecipe(**_checked(StaticRecipe, sub["static"], "static.")),
+                      dynamic=DynamicRecipe(**_checked(DynamicRecipe, sub["dynamic"], "dynamic.")),
+                      fp16=Fp16Recipe(**_checked(Fp16Recipe, sub["fp16"], "fp16.")),
+                      package=sub["package"], **top)
     except (tomllib.TOMLDecodeError, TypeError, ValueError) as e:
         raise EdgeqError(f"invalid target profile {source}: {e}") from None

@@ -70,8 +70,24 @@ def test_npz_reader_checks_inputs(tmp_path):
         read_npz(f, ["other"])
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(EdgeqError, match="as .npz"):
+    with pytest.raises(EdgeqError, match="is not a .npz archive"):
         read_npz(bad, ["x"])
+    specs = {"input_ids": {"dtype": "int64", "rank": 2}}
+    for arr, msg in ((np.zeros((4, 8), np.float32), "is float32, the model takes int64"),
+                     (np.zeros(4, np.int64), "has 1 dimensions, the model takes 2"),
+                     (np.array(3, np.int64), "is a scalar")):
+        np.savez(tmp_path / "m.npz", input_ids=arr)
+        with pytest.raises(EdgeqError, match=msg):
+            read_npz(tmp_path / "m.npz", ["input_ids"], specs=specs)
+
+
+def test_npz_shared_between_calibration_and_evaluation_is_split():
+    from edgeq.calib import npz_calibration_share
+
+    cal, ev = npz_calibration_share(100, shared=True)
+    assert (cal, ev) == (slice(0, 75), slice(75, 100))
+    assert npz_calibration_share(10, shared=False) == (slice(0, 10), slice(0, 10))
+    assert npz_calibration_share(1, shared=True)[0] == slice(0, 1)
 
 
 def test_text_feeds_match_model_inputs(tiny_bert):

@@ -51,6 +51,13 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     empty.with_suffix(".toml").write_text("name = 'x'\n")
+    json_calib = tmp_path / "c.json"
+    json_calib.write_text('[{"text": "a"}]')
+    not_object, decoder, no_tokenizer = (tmp_path / n for n in ("listcfg", "gpt", "notok"))
+    for d, cfg in ((not_object, "[]"), (decoder, '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')):
+        d.mkdir()
+        (d / "config.json").write_text(cfg)
+    shutil.copytree(tiny_bert, no_tokenizer, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*"))
     cases = [
         (["build", str(tmp_path / "missing"), "-o", str(out)], "model not found"),
         (["build", str(tiny_bert), "--target", "riscv", "-o", str(out)], "unknown target 'riscv'"),
@@ -66,6 +73,15 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
         (["build", str(tmp_path), "-o", str(out)], "not a Hugging Face model directory"),
         (["build", str(empty), "-o", str(out)], "expected a Hugging Face model directory or an .onnx file"),
         (["build", "--bogus-flag"], "No such option"),
+        (["build", str(tiny_bert), "--name", "../escape", "-o", str(out)], "can't be a folder name"),
+        (["build", str(tiny_bert), "--name", "/abs/evil", "-o", str(out)], "can't be a folder name"),
+        (["build", str(tiny_bert), "--name", "..", "-o", str(out)], "can't be a folder name"),
+        (["build", str(tiny_bert), "-o", str(empty)], "exists and is not a directory"),
+        (["build", str(tiny_bert), "--calib", str(json_calib), "-o", str(out)], "unsupported format '.json'"),
+        (["build", str(tiny_bert), "--seq-len", "1000", "-o", str(out)], "exceeds the model's 128 positions"),
+        (["build", str(not_object), "-o", str(out)], "expected a JSON object"),
+        (["build", str(decoder), "-o", str(out)], "is a generative model"),
+        (["build", str(no_tokenizer), "-o", str(out)], "no tokenizer files"),
         (["nocommand"], "No such command"),
     ]
     for args, fragment in cases:
@@ -146,6 +162,64 @@ def test_onnx_without_tokenizer_needs_one(tiny_build, tmp_path):
     assert_user_error(r, "has no tokenizer beside it", tmp_path / "out")
 
 
+def test_npz_data_must_fit_the_model(tiny_build, tmp_path):
+    """.npz tensors for an .onnx model: checked against the model's inputs, and when one file serves
+    calibration and evaluation, evaluation gets samples calibration did not see."""
+    import numpy as np
+
+    src = Path(tiny_build["build_dir"]) / "model.fp32.onnx"
+    z = dict(np.load(Path(tiny_build["build_dir"]) / "work/bench_inputs.npz"))
+    data = tmp_path / "data.npz"
+    np.savez(data, **{k: np.repeat(v[:, :16], 8, axis=0) for k, v in z.items()})
+    r = edgeq("build", str(src), "--name", "npz-model", "--calib", str(data), "--eval", str(data),
+              "-o", str(tmp_path / "out"), "--json", "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(Path(json.loads(r.stdout)["manifest"]).read_text())
+    ev = next(s for s in m["stages"] if s["stage"] == "evaluate")
+    assert ev["settings"]["samples"] == 2 and ev["metrics"]["overlap_with_calibration_removed"] == 6
+    assert next(s for s in m["stages"] if s["stage"] == "calibrate")["settings"]["samples"] == 6
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{k: v.astype(np.float32) for k, v in z.items()})
+    r = edgeq("build", str(src), "--calib", str(bad), "--eval", str(data), "-o", str(tmp_path / "o2"))
+    assert_user_error(r, "is float32, the model takes int64", progress_allowed=True)
+    big = tmp_path / "big.npz"
+    np.savez(big, **{k: (v + 10_000) if k == "input_ids" else v for k, v in z.items()})
+    r = edgeq("build", str(src), "--calib", str(big), "--eval", str(data), "-o", str(tmp_path / "o3"))
+    assert_user_error(r, "the model fails on calibration batch 1", progress_allowed=True)
+    assert "\x1b[" not in r.stderr  # no coloured ORT log lines
+
+
+def test_external_data_in_a_subfolder(tiny_build, tmp_path):
+    export_dir = Path(tiny_build["build_dir"]) / "work" / "export"
+    src = tmp_path / "user"
+    shutil.copytree(export_dir, src)
+    model = onnx.load(str(src / "model.onnx"))
+    (src / "model.onnx").unlink()
+    (src / "weights").mkdir()
+    onnx.save_model(model, str(src / "model.onnx"), save_as_external_data=True, location="weights/w.bin",
+                    size_threshold=0)
+    r = edgeq("build", str(src / "model.onnx"), "--name", "sub", "-o", str(tmp_path / "out"), "--mode", "dynamic",
+              "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out/sub/x86_64/work/export/weights/w.bin").is_file()
+
+
+def test_no_arguments_prints_help():
+    r = edgeq()
+    assert r.returncode == 0 and "build" in r.stdout and r.stderr == ""
+
+
+def test_unused_calibration_ranges_do_not_ship(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    assert edgeq("build", str(tiny_bert), "-o", str(out), "--calib-method", "entropy", *fast_args()).returncode == 0
+    r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
+    assert r.returncode == 0, r.stderr
+    b = out / "tiny-bert" / "x86_64"
+    assert not (b / "calibration").exists()
+    m = json.loads((b / "manifest.json").read_text())
+    assert not [f for f in m["files"] if f["path"].startswith("calibration/")]
+
+
 def test_targets_command_lists_profiles():
     r = edgeq("targets")
     assert r.returncode == 0
@@ -176,9 +250,13 @@ def test_sigterm_mid_build_leaves_nothing_complete(tiny_bert, tmp_path):
 
 def test_abandoned_staging_dirs_are_cleaned(tiny_bert, tmp_path):
     out = tmp_path / "out"
-    stale = out / "tiny-bert" / ".x86_64.staging-999999"
+    from edgeq.build import _HOST
+
+    stale = out / "tiny-bert" / f".x86_64.staging-{_HOST}-999999"
     stale.mkdir(parents=True)
     (stale / "model.fp32.onnx").write_bytes(b"half")
+    other_host = out / "tiny-bert" / ".x86_64.staging-otherhost-999999"  # maybe alive elsewhere
+    other_host.mkdir()
     r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == ["x86_64"]
+    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == [other_host.name, "x86_64"]

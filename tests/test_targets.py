@@ -45,6 +45,16 @@ def test_parse_minimal_profile_gets_defaults():
     (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nactivation_symmetric = true'), "activation_symmetric"),
     (GOOD.replace('format = "QDQ"', 'format = "QDQ"\ncalibration = "magic"'), "static.calibration"),
     (GOOD + "\nbogus_key = 1\n", "invalid target profile"),
+    (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nop_types = "MatMul"'), "'static.op_types' must be a list of strings"),
+    (GOOD.replace('["CPUExecutionProvider"]', '"CPUExecutionProvider"'), "'execution_providers' must be a list"),
+    (GOOD.replace("fp16_compute = false", 'fp16_compute = "no"'), "'fp16_compute' must be a bool"),
+    (GOOD.replace("opset = 17", "opset = 17.5"), "'opset' must be a int"),
+    (GOOD.replace('name = "t"', "name = 5"), "'name' must be a str"),
+    (GOOD.replace('name = "t"', 'name = "../../evil"'), "name must be letters"),
+    (GOOD.replace('name = "t"', 'name = ".hidden"'), "name must be letters"),
+    (GOOD.replace('name = "t"\n', ""), r"missing key\(s\): name"),
+    (GOOD.replace("[dynamic]", "[dynamic]\nper_chanel = true"), "unknown key 'dynamic.per_chanel'"),
+    ("static = 3\n" + GOOD.replace('[static]\nformat = "QDQ"\n', ""), "must be a table"),
     ("name = ", "invalid target profile"),
 ])
 def test_invalid_profiles_are_rejected(bad, message):
