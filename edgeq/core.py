@@ -38,6 +38,7 @@ class Files:
     CALIB_DIR = "calibration"
     TOKENIZER_DIR = "tokenizer"
     MODEL_CONFIG = "config.json"
+    BENCH_INPUTS = "work/bench_inputs.npz"
     MANIFEST = "manifest.json"
 
     @staticmethod
@@ -232,3 +233,34 @@ def update_manifest(build_dir: Path, section: str, key: str, record: dict[str, A
     manifest.setdefault(section, {})[key] = record
     atomic_write_json(Path(build_dir) / Files.MANIFEST, manifest)
     return manifest
+
+
+def last_json_line(stdout: str) -> dict | None:
+    """The last line of a runner's output that is a JSON object (other lines, e.g. from a login
+    script or a library, may come first)."""
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def run_json(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900) -> dict[str, Any]:
+    """Run a runner script (bench_runner.py, parity_runner.py, natively or under an emulator):
+    its JSON result, or {"error": ...} saying why there is none."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    out = last_json_line(proc.stdout)
+    if out is not None:
+        return out
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited {proc.returncode}"
+    return {"error": f"runner {how}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"}

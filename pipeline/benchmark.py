@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes, run_json
 
 RUNNER = Path(__file__).with_name("bench_runner.py")
-BENCH_INPUTS = "work/bench_inputs.npz"
+BENCH_INPUTS = Files.BENCH_INPUTS
 
 
 def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -36,13 +35,7 @@ def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.nd
 
 
 def run_runner(spec: dict, timeout: float = 900) -> dict:
-    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"runner exited {proc.returncode}: {err}"}
-    return json.loads(lines[-1])
+    return run_json([sys.executable, str(RUNNER), json.dumps(spec)], timeout=timeout)
 
 
 def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,

@@ -41,7 +41,9 @@ def convert_to_ort(ctx: BuildContext) -> dict:
         for a in ctx.artifacts:
             (src / Path(a.path).name).symlink_to(ctx.path(a.path))
         out = Path(tmp) / "out"
-        logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+        # onnxruntime.tools sets its loggers to INFO explicitly: quiet the ones the conversion uses
+        for name in ("ort_format_model.utils", "convert_onnx_models_to_ort", "ort_format_model"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):
             convert_onnx_models_to_ort(src, out, optimization_styles=[getattr(OptimizationStyle, style)],
                                        target_platform=platform)
@@ -65,11 +67,17 @@ def convert_to_ort(ctx: BuildContext) -> dict:
 
 
 def verify_ort(ctx: BuildContext) -> dict:
-    """Each .ort must load and reproduce its .onnx on the benchmark inputs."""
+    """Each .ort must load and reproduce its .onnx on the benchmark inputs.
+
+    fp32: within rounding. Quantized/fp16: a Fixed-style .ort made for ARM carries ARM's kernel
+    choices (ONNX Runtime rewrites QDQ graphs per platform), which on an x86 host can move the
+    output as much as quantization itself does; so the allowed difference is tied to the artifact's
+    own error: at most 3x the largest difference between the .onnx and fp32 on the same inputs (the
+    rule `edgeq parity` uses between CPU architectures)."""
     import onnxruntime as ort
 
-    feeds_all = dict(np.load(ctx.path("work/bench_inputs.npz")))
-    checks = {}
+    feeds_all = dict(np.load(ctx.path(Files.BENCH_INPUTS)))
+    checks, fp32_out = {}, None
     for a in ctx.artifacts:
         outs = []
         for f in (a.path, a.formats["ort"]):
@@ -78,12 +86,15 @@ def verify_ort(ctx: BuildContext) -> dict:
             outs.append(sess.run(None, feeds)[0].astype(np.float32))
         diff = float(np.abs(outs[0] - outs[1]).max())
         scale = float(np.abs(outs[0]).max()) or 1.0
-        # Fixed-style .ort files carry ONNX Runtime's graph optimizations already applied, which may
-        # reorder float arithmetic: allow rounding-level differences, nothing more.
-        tol = 1e-4 * scale if a.precision == "fp32" else 2e-2 * scale
-        checks[a.name] = {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol}
+        if a.name == "fp32":
+            fp32_out = outs[0]
+            tol, rule = 1e-4 * scale, "1e-4 x max |output|"
+        else:
+            own = float(np.abs(outs[0] - fp32_out).max()) if fp32_out is not None else scale
+            tol, rule = max(3 * own, 1e-4 * scale), "3 x the .onnx's own max difference from fp32"
+        checks[a.name] = {"max_abs_diff": diff, "tolerance": tol, "rule": rule, "passed": diff <= tol}
         if diff > tol:
-            raise RuntimeError(f"{a.formats['ort']} differs from {a.path} by {diff:.3g} (> {tol:.3g})")
+            raise RuntimeError(f"{a.formats['ort']} differs from {a.path} by {diff:.3g} (> {tol:.3g}, {rule})")
     return checks
 
 

@@ -51,8 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.core import EdgeqError, load_manifest, update_manifest
-from edgeq.pipeline.benchmark import BENCH_INPUTS
+from edgeq.core import EdgeqError, Files, load_manifest, run_json, update_manifest
 
 RUNNER = Path(__file__).with_name("parity_runner.py")
 EXIT_PARITY_FAILED = 3  # a failed check, distinct from user errors (2) and bugs (1)
@@ -525,22 +524,6 @@ def _resolve_target(manifest: dict[str, Any], target: str | None) -> tuple[str, 
     return name, arch
 
 
-def _run_json(cmd: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any]:
-    """Run a runner; its last JSON line, or {"error": ...} saying why there is none."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited {proc.returncode}"
-    return {"error": f"runner {how}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"}
-
-
 def _load_outputs(path: Path, models: list[str], n_samples: int) -> dict[str, Outputs]:
     out: dict[str, Outputs] = {m: [{} for _ in range(n_samples)] for m in models}
     if path.is_file():
@@ -567,9 +550,9 @@ def run_parity(build_dir: Path | str, target: str | None = None, *, cache_dir: P
     for a in artifacts:
         if not (build_dir / a["path"]).is_file():
             raise EdgeqError(f"{build_dir}: artifact file missing: {a['path']}")
-    bench_path = build_dir / BENCH_INPUTS
+    bench_path = build_dir / Files.BENCH_INPUTS
     if not bench_path.is_file():
-        raise EdgeqError(f"{build_dir}: no {BENCH_INPUTS} (parity inputs are cut from the build's benchmark inputs)")
+        raise EdgeqError(f"{build_dir}: no {Files.BENCH_INPUTS} (parity inputs are cut from the build's benchmark inputs)")
     with np.load(bench_path) as z:
         samples, sample_names = parity_inputs({k: z[k] for k in z.files})
 
@@ -589,7 +572,7 @@ def run_parity(build_dir: Path | str, target: str | None = None, *, cache_dir: P
             label = "this machine" if side == "native" else f"QEMU {emu.qemu_version} -cpu {emu.cpu}"
             log(f"[parity] {side} run on {label}: {len(models)} artifacts x {len(samples)} inputs")
             t0 = time.perf_counter()
-            runs[side] = _run_json([*cmd_prefix, str(RUNNER), json.dumps(spec)], env, timeout)
+            runs[side] = run_json([*cmd_prefix, str(RUNNER), json.dumps(spec)], env, timeout)
             runs[side]["wall_seconds"] = round(time.perf_counter() - t0, 1)
             outputs[side] = _load_outputs(Path(spec["output"]), list(models), len(samples))
 
@@ -625,7 +608,7 @@ def run_parity(build_dir: Path | str, target: str | None = None, *, cache_dir: P
         "machine": {side: r.get("machine") for side, r in runs.items()},
         "execution_provider": "CPUExecutionProvider",
         "threads": threads,
-        "inputs": {"source": BENCH_INPUTS, "samples": sample_names},
+        "inputs": {"source": Files.BENCH_INPUTS, "samples": sample_names},
         "artifacts": results,
         "seconds": {"setup": round(setup_s, 1), "native": runs["native"]["wall_seconds"],
                     "emulated": runs["emulated"]["wall_seconds"], "total": round(time.perf_counter() - t_start, 1)},

@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from edgeq.core import EdgeqError, load_manifest, onnx_files
+from edgeq.core import EdgeqError, Files, last_json_line, load_manifest, onnx_files
 
-BENCH_INPUTS = "work/bench_inputs.npz"
+BENCH_INPUTS = Files.BENCH_INPUTS
 REMOTE_PREFIX = "edgeq-bench-"
 RUNNER_TIMEOUT_S = 900  # one runner process on the device (its timed loop stops itself after 120 s)
 SHORT_TIMEOUT_S = 120  # probe, clean-up
@@ -215,20 +215,6 @@ class SshTarget:
                              f"sftp server or scp): {err}")
 
 
-def _json_line(stdout: str) -> dict | None:
-    """The last line that is a JSON object (login scripts may print other lines first)."""
-    for line in reversed(stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
-
-
 def probe(target: SshTarget, python: str, mkdtemp_in: str | None = None) -> dict[str, Any]:
     """Device facts from its python; checks numpy + onnxruntime import, then (when `mkdtemp_in` is
     not None) makes a temporary directory in it ("" = the device's default) and returns its path as
@@ -236,7 +222,7 @@ def probe(target: SshTarget, python: str, mkdtemp_in: str | None = None) -> dict
     args = ["mkdtemp", mkdtemp_in] if mkdtemp_in is not None else []
     cmd = " ".join(shlex.quote(a) for a in [python, "-c", PROBE, *args])
     proc = target.run(cmd, SHORT_TIMEOUT_S, "the device probe")
-    facts = _json_line(proc.stdout)
+    facts = last_json_line(proc.stdout)
     if facts is None:
         err = _one_line(proc.stderr)
         if proc.returncode in (126, 127):
@@ -286,7 +272,7 @@ def remote_runner(target: SshTarget, python: str, runner: str) -> Callable[[dict
     def run(spec: dict) -> dict:
         cmd = " ".join(shlex.quote(a) for a in [python, runner, json.dumps(spec)])
         proc = target.run(cmd, RUNNER_TIMEOUT_S, "the benchmark runner")
-        out = _json_line(proc.stdout)
+        out = last_json_line(proc.stdout)
         if out is None:
             return {"error": f"runner exited {proc.returncode}: {_one_line(proc.stderr) or 'no output'}"}
         return out
