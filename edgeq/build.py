@@ -69,7 +69,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
                    name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
-                   percentile: float = 99.999, fp16_io: bool = False) -> dict[str, Any]:
+                   percentile: float = 99.999, fp16_io: bool = False,
+                   max_accuracy_drop: float | None = None) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
     from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_texts
@@ -83,7 +84,11 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if tname.endswith(".toml"):
         tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
-    modes = tuple(dict.fromkeys(modes or profile.modes))
+    modes = tuple(dict.fromkeys(tuple(modes or profile.modes) + (("hybrid",) if max_accuracy_drop is not None else ())))
+    if "hybrid" in modes and max_accuracy_drop is None:
+        max_accuracy_drop = 0.01
+    if max_accuracy_drop is not None and not 0 < max_accuracy_drop < 1:
+        raise EdgeqError(f"--max-accuracy-drop must be between 0 and 1 (a cosine drop), got {max_accuracy_drop}")
     for m in modes:
         if m not in targets.MODES:
             raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(targets.MODES)})")
@@ -130,7 +135,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     return {
         "model": str(model_path), "model_kind": kind, "name": name,
         "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
-        "max_length": max_length, "export_atol": 1e-3,
+        "max_length": max_length, "export_atol": 1e-3, "max_accuracy_drop": max_accuracy_drop,
         "fp16": {"keep_io_types": profile.fp16.keep_io_types and not fp16_io,
                  "op_block_list": list(profile.fp16.op_block_list)},
         "calibration": {"path": str(calib_file), "method": method, "samples": calib_samples,
@@ -205,9 +210,10 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
         # Library code prints progress to stdout; stdout belongs to `--json`.
         with contextlib.redirect_stdout(sys.stderr):
             for i, stage in enumerate(STAGES, 1):
-                skip = {"calibrate": "static" not in config["modes"],
-                        "quantize": not {"static", "dynamic"} & set(config["modes"]),
-                        "precision": "fp16" not in config["modes"]}.get(stage)
+                modes = set(config["modes"])
+                skip = {"calibrate": not {"static", "hybrid"} & modes,
+                        "quantize": not {"static", "dynamic"} & modes,
+                        "precision": not {"fp16", "hybrid"} & modes}.get(stage)
                 if skip:
                     records.append({"stage": stage, "skipped": f"not needed for modes {config['modes']}"})
                     continue

@@ -28,7 +28,7 @@ def cli(ctx: click.Context) -> None:
 @click.argument("model", required=False)
 @click.option("--target", "-t", help="Target profile (see `edgeq targets`); default: this machine's CPU.")
 @click.option("--mode", "-m", "modes", multiple=True,
-              help="static int8, dynamic int8, fp16 (repeatable; default: the target's modes).")
+              help="static, dynamic (int8), fp16, hybrid (repeatable; default: the target's modes).")
 @click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
 @click.option("--eval", "eval_path", type=str, help="Held-out evaluation data (same formats). Default: bundled set.")
 @click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's).")
@@ -45,9 +45,13 @@ def cli(ctx: click.Context) -> None:
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size.")
 @click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O).")
+@click.option("--max-accuracy-drop", type=float,
+              help="Also build int8-hybrid: static int8 with the most sensitive nodes in fp16/fp32 until "
+                   "1 - cosine vs fp32 <= this (e.g. 0.01).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
-          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, fp16_io, as_json) -> None:
+          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, fp16_io, max_accuracy_drop,
+          as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
     MODEL is a Hugging Face model directory or an .onnx file; without it, the embedded default
@@ -59,7 +63,7 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
                             calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
                             threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile,
-                            fp16_io=fp16_io)
+                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop)
     if as_json:
         with stdout_to_stderr() as real_stdout:
             manifest = run_build(config)

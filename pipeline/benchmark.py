@@ -6,71 +6,19 @@ on a shared machine drift, ratios taken minutes apart on the same machine much l
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
-from pathlib import Path
-from typing import Callable
 
-import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes, run_json
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
+from edgeq.pipeline.measure import ensure_bench_inputs, measure
 
-RUNNER = Path(__file__).with_name("bench_runner.py")
 BENCH_INPUTS = Files.BENCH_INPUTS
-
-
-def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """A batch of `seq_len` real tokens (held-out text, concatenated), so no position is padding."""
-    from edgeq.calib import TextFeeds, model_feeds, read_npz, read_texts
-
-    eval_path = Path(ctx.config["evaluation"]["path"])
-    if eval_path.suffix.lower() == ".npz":
-        arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
-        return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
-    text = " ".join(read_texts(eval_path, limit=200, what="evaluation"))
-    feeds = model_feeds(TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], seq_len)([text], pad_to=seq_len))
-    return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
-
-
-def run_runner(spec: dict, timeout: float = 900) -> dict:
-    return run_json([sys.executable, str(RUNNER), json.dumps(spec)], timeout=timeout)
-
-
-def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,
-            partition: bool = True, runner: Callable[[dict], dict] | None = None) -> list[dict] | str:
-    """Latency of all models interleaved in one process; load time, peak RSS and the provider's
-    partition of the graph for each in its own. Returns 'unavailable: <reason>' when the provider
-    cannot run here."""
-    run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (pipeline/remote.py)
-    base = {"inputs": str(inputs), "provider": provider, "threads": threads}
-    lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
-    if "unavailable" in lat:
-        return f"unavailable: {lat['unavailable']}"
-    out = []
-    for i, m in enumerate(models):
-        if "error" in lat:
-            out.append({"error": lat["error"]})
-            continue
-        mem = run({**base, "models": [str(m)], "warmup": 2, "runs": 3, "partition": partition})
-        r = dict(lat["results"][i])
-        if "error" in mem or "unavailable" in mem:
-            r["memory_error"] = mem.get("error") or mem.get("unavailable")
-        else:
-            r["load_ms"] = mem["results"][0]["load_ms"]
-            r["peak_rss_mb"] = mem["peak_rss_mb"]
-            if "partition" in mem:
-                r["partition"] = mem["partition"]
-        out.append(r)
-    return out
 
 
 def run(ctx: BuildContext) -> StageResult:
     cfg = ctx.config["benchmark"]
-    inputs = ctx.path(BENCH_INPUTS)
-    inputs.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(inputs, **bench_inputs(ctx, cfg["batch_size"], cfg["seq_len"]))
+    inputs = ensure_bench_inputs(ctx)
     threads = cfg["threads"] or os.cpu_count() or 1
     models = [ctx.path(a.path) for a in ctx.artifacts]
     eps: dict[str, str] = {}

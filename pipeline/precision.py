@@ -1,13 +1,24 @@
-"""Stage 5, precision: float16 artifacts for targets with fp16 compute (GPU, ARMv8.2+, NPUs).
+"""Stage 5, precision: float16 artifacts, and hybrid int8 artifacts chosen against an accuracy budget.
 
-Uses onnxruntime.transformers' converter, which knows the contrib ops of fused transformer graphs
-(Attention, SkipLayerNormalization...) and inserts Cast nodes at the boundaries of ops it keeps in
-fp32. Model inputs and outputs keep their fp32 type unless `--fp16-io` is given, so an app feeding
-the fp32 model can feed this one unchanged.
+fp16 (mode `fp16`): onnxruntime.transformers' converter, which knows the contrib ops of fused
+transformer graphs (Attention, SkipLayerNormalization...) and inserts Cast nodes at the boundaries of
+ops it keeps in fp32. Model inputs and outputs keep their fp32 type unless `--fp16-io` is given.
+
+Hybrid (mode `hybrid`, `--max-accuracy-drop X`): start from full static int8 (every node the
+target's recipe can quantize), measure each quantized node's sensitivity (the cosine lost when it
+alone is quantized, on calibration samples), then take the most sensitive nodes back to higher
+precision one at a time (fp16 islands where the target has fp16 compute, fp32 where it has none,
+as on the x86 CPU EP) until 1 - cosine <= X. Every step's accuracy, latency and size is recorded;
+the artifact is the fastest step within the budget.
 """
 from __future__ import annotations
 
-from edgeq.core import Artifact, BuildContext, Files, StageResult, model_size_bytes
+import os
+import shutil
+from pathlib import Path
+
+from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
+from edgeq.pipeline.metrics import pooled
 
 
 def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = None) -> dict:
@@ -29,6 +40,17 @@ def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = Non
 
 
 def run(ctx: BuildContext) -> StageResult:
+    settings: dict = {}
+    outputs: list[str] = []
+    metrics: dict = {}
+    for mode, fn in (("fp16", _fp16), ("hybrid", _hybrid)):
+        if mode in ctx.config["modes"]:
+            settings[mode], metrics[mode] = fn(ctx)
+            outputs.append(ctx.artifacts[-1].path)
+    return StageResult(settings=settings, outputs=outputs, metrics=metrics)
+
+
+def _fp16(ctx: BuildContext) -> tuple[dict, dict]:
     cfg = ctx.config["fp16"]
     out = ctx.path(Files.model("fp16"))
     stats = to_fp16(ctx.path(Files.FP32), out, cfg["keep_io_types"], cfg["op_block_list"])
@@ -36,5 +58,108 @@ def run(ctx: BuildContext) -> StageResult:
                 "converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16"}
     ctx.artifacts.append(Artifact(name="fp16", path=Files.model("fp16"), precision="fp16",
                                   recipe={"mode": "fp16", **settings}))
-    return StageResult(settings=settings, outputs=[Files.model("fp16")],
-                       metrics={**stats, "size_bytes": model_size_bytes(out)})
+    return settings, {**stats, "size_bytes": model_size_bytes(out)}
+
+
+SELECTION_SAMPLES = 32  # calibration samples the search scores on (not the held-out set)
+
+
+def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.calib import TextFeeds, mask_of, model_feeds
+    from edgeq.pipeline import hybrid
+    from edgeq.pipeline.measure import ensure_bench_inputs, run_runner
+
+    budget = ctx.config["max_accuracy_drop"]
+    r = ctx.target.static
+    op_types = set(r.op_types)
+    work = ctx.path("work/hybrid")
+    work.mkdir(parents=True, exist_ok=True)
+    full_path = work / "full-int8.onnx"
+    hybrid.quantize_static_recipe(ctx.path(Files.FP32), full_path, r, ctx.facts["ranges_path"],
+                                  ctx.config["calibration"]["method"])
+    fp32, full = onnx.load(str(ctx.path(Files.FP32))), onnx.load(str(full_path))
+    candidates = hybrid.quantized_nodes(full, op_types)
+    if not candidates:
+        raise EdgeqError(f"hybrid: the model has no {'/'.join(sorted(op_types))} nodes to quantize")
+    # selection samples: calibration data, one sample per run as on a device
+    samples = ctx.facts["calibration_samples"]
+    if isinstance(samples, dict):
+        sel = [({k: v[i:i + 1] for k, v in samples.items()}, None)
+               for i in range(min(SELECTION_SAMPLES, len(next(iter(samples.values())))))]
+    else:
+        tf = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
+        sel = [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in samples[:SELECTION_SAMPLES])]
+
+    def outputs(model) -> np.ndarray:
+        sess = ort.InferenceSession(model.SerializeToString() if not isinstance(model, (str, Path)) else str(model),
+                                    providers=["CPUExecutionProvider"])
+        return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in sel])
+
+    ref = outputs(fp32)
+
+    def cosine(model) -> float:
+        got = outputs(model)
+        c = (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+        return float(c.mean())
+
+    fp16 = bool(ctx.target.fp16_compute)
+    higher = "fp16" if fp16 else "fp32"
+    # sensitivity: the cosine each node costs when it alone is quantized
+    sensitivity = []
+    for n in ctx.track(candidates, len(candidates), "sensitivity"):
+        alone = hybrid.revert(full, fp32, [c for c in candidates if c != n], op_types)
+        sensitivity.append({"node": n, "op_type": next(x.op_type for x in full.graph.node if x.name == n),
+                            "cosine_drop": round(1.0 - cosine(alone), 6)})
+    sensitivity.sort(key=lambda s: -s["cosine_drop"])
+    ranked = [s["node"] for s in sensitivity]
+    steps = []
+    for k in range(len(ranked) + 1):
+        model = full if k == 0 else hybrid.revert(full, fp32, ranked[:k], op_types, fp16=fp16)
+        path = work / f"step-{k:02d}.onnx"
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))
+        cos = cosine(model)
+        steps.append({"step": k, "kept": ranked[:k], "cosine": round(cos, 6), "meets_budget": 1 - cos <= budget,
+                      "size_bytes": path.stat().st_size, "path": path})
+        ctx.log(f"  hybrid step {k}: {k} node(s) in {higher}, cosine {cos:.4f}")
+        if 1 - cos <= budget:
+            break
+    # latency of every step and fp32, interleaved in one process (the same runner as the benchmark)
+    bcfg = ctx.config["benchmark"]
+    lat = run_runner({"models": [str(ctx.path(Files.FP32))] + [str(s["path"]) for s in steps],
+                      "inputs": str(ensure_bench_inputs(ctx)), "threads": bcfg["threads"] or os.cpu_count(),
+                      "warmup": min(bcfg["warmup"], 5), "runs": max(5, bcfg["runs"] // 2)})
+    if "results" not in lat:
+        raise RuntimeError(f"hybrid: benchmarking the steps failed: {lat.get('error') or lat.get('unavailable')}")
+    if "results" in lat:
+        fp32_ms = lat["results"][0]["latency_p50_ms"]
+        for s, res in zip(steps, lat["results"][1:]):
+            s["latency_p50_ms"] = res["latency_p50_ms"]
+            s["speedup_vs_fp32"] = round(fp32_ms / res["latency_p50_ms"], 3)
+    within = [s for s in steps if s["meets_budget"]]
+    if not within:  # everything back in float and still over budget: only possible with fp16
+        raise EdgeqError(f"hybrid: no step meets --max-accuracy-drop {budget} (best cosine "
+                         f"{max(s['cosine'] for s in steps):.4f})")
+    chosen = min(within, key=lambda s: s.get("latency_p50_ms", float("inf")))
+    out = Files.model("int8-hybrid")
+    shutil.copyfile(chosen["path"], ctx.path(out))
+    drops = {s["node"]: s["cosine_drop"] for s in sensitivity}
+    kept = [{"node": n, "precision": higher, "rank": i + 1,
+             "reason": f"cosine drop {drops[n]:.4f} when quantized alone (rank {i + 1} of {len(ranked)})"}
+            for i, n in enumerate(chosen["kept"])]
+    curve = [{k: v for k, v in s.items() if k not in ("path", "kept")} | {"kept_nodes": len(s["kept"])}
+             for s in steps]
+    settings = {"max_accuracy_drop": budget, "metric": "cosine of pooled outputs vs fp32",
+                "selection_samples": len(sel), "fallback_precision": higher, "candidates": len(candidates),
+                "recipe": "static int8 of the target, all candidate nodes, then greedy fallback by sensitivity"}
+    ctx.artifacts.append(Artifact(name="int8-hybrid", path=out, precision=f"int8+{higher}",
+                                  recipe={"mode": "hybrid", **settings, "kept": kept,
+                                          "chosen_step": chosen["step"]}))
+    for s in steps:  # keep only the chosen step and the full int8 model among the intermediates
+        if s is not chosen:
+            s["path"].unlink()
+    return settings, {"sensitivity": sensitivity, "curve": curve, "chosen_step": chosen["step"], "kept": kept}

@@ -13,7 +13,6 @@ from pathlib import Path
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
 
 _QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
-_METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
 
 def nodes_kept_float(model, op_types, after_ops) -> list[dict]:
@@ -50,16 +49,14 @@ def run(ctx: BuildContext) -> StageResult:
 def _common_extra() -> dict:
     import onnx
 
-    # DefaultTensorType: the fused graph has contrib ops (Attention, SkipLayerNormalization) whose
-    # outputs ONNX shape inference cannot type; without a default the quantizer fails its type lookup.
-    # MatMulConstBOnly: only MatMuls with a constant weight; activation x activation MatMuls
-    # (attention scores in unfused graphs) are the most sensitive and gain little.
+    # see hybrid.quantize_static_recipe for why these two
     return {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
 
 
 def _static(ctx: BuildContext) -> tuple[dict, dict]:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from edgeq.pipeline.hybrid import quantize_static_recipe
 
     r = ctx.target.static
     method = ctx.config["calibration"]["method"]
@@ -70,24 +67,12 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     quantized = [n.name for n in model.graph.node if n.op_type in r.op_types and n.name not in {k["node"] for k in kept}]
     if not quantized:
         raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
-    extra = {**_common_extra(), "ActivationSymmetric": r.activation_symmetric,
-             "WeightSymmetric": r.weight_symmetric}
     settings = {"format": r.format, "activation_type": r.activation_type, "weight_type": r.weight_type,
                 "per_channel": r.per_channel, "reduce_range": r.reduce_range,
                 "activation_symmetric": r.activation_symmetric, "weight_symmetric": r.weight_symmetric,
                 "op_types": list(r.op_types),
                 "calibration": method, "keep_float_after": list(r.keep_float_after)}
-    quantize_static(
-        str(src), str(out), calibration_data_reader=None,
-        calibration_cache_path=str(ctx.facts["ranges_path"]),
-        calibrate_method=getattr(CalibrationMethod, _METHOD[method]),
-        quant_format=getattr(QuantFormat, r.format), op_types_to_quantize=list(r.op_types),
-        per_channel=r.per_channel, reduce_range=r.reduce_range,
-        activation_type=getattr(QuantType, _QTYPE[r.activation_type]),
-        weight_type=getattr(QuantType, _QTYPE[r.weight_type]),
-        nodes_to_exclude=[k["node"] for k in kept], extra_options=extra,
-    )
-    _check(out)
+    quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method, exclude=[k["node"] for k in kept])
     ctx.artifacts.append(Artifact(name="int8-static", path=Files.model("int8-static"), precision="int8",
                                   recipe={"mode": "static", **settings, "kept_float": kept}))
     return settings, {"quantized_nodes": len(quantized), "kept_float": kept,

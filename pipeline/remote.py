@@ -3,7 +3,7 @@
 The device needs only python 3 with numpy and onnxruntime. The artifact's models (with any external
 data), its benchmark inputs (work/bench_inputs.npz) and the standalone runner (bench_runner.py) are
 copied with the system `scp` to a fresh temporary directory on the device; the runner is started
-there with `ssh`, exactly as the build's benchmark stage starts it locally (`benchmark.measure`:
+there with `ssh`, exactly as the build's benchmark stage starts it locally (`measure.measure`:
 latency of all artifacts interleaved in one process, then load time and peak RSS of each in a fresh
 process), and the temporary directory is removed afterwards, also when something failed.
 
@@ -267,7 +267,7 @@ def _is_our_tmpdir(path: str) -> bool:
 
 
 def remote_runner(target: SshTarget, python: str, runner: str) -> Callable[[dict], dict]:
-    """A `runner` for benchmark.measure: bench_runner.py with a spec, on the device."""
+    """A `runner` for measure.measure: bench_runner.py with a spec, on the device."""
 
     def run(spec: dict) -> dict:
         cmd = " ".join(shlex.quote(a) for a in [python, runner, json.dumps(spec)])
@@ -330,7 +330,7 @@ def bench(build_dir: Path, target: SshTarget, python: str = "python3", runs: int
 
     Returns (record, remote_dir); remote_dir no longer exists on the device when this returns."""
     from edgeq.core import update_manifest
-    from edgeq.pipeline.benchmark import RUNNER, measure
+    from edgeq.pipeline.measure import RUNNER, measure
 
     build_dir = Path(build_dir).resolve()
     manifest = load_manifest(build_dir)

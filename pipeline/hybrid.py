@@ -1,0 +1,196 @@
+"""Graph surgery for hybrid precision: take nodes of a QDQ int8 model back to float (fp32), or into
+fp16 islands, without re-running the quantizer.
+
+Why by hand: onnxruntime.quantization can only quantize a chosen node set from scratch (seconds per
+call, and the sensitivity search needs one model per node and per step), and
+onnxruntime.transformers' fp16 converter works the other way round (everything fp16 except a block
+list), which for a few islands leaves dozens of Cast pairs and, with contrib ops, an unsorted graph.
+Both operations here are protobuf edits: milliseconds.
+
+A QDQ node `n` looks like  X -> Q -> DQ -> n <- DQ <- W_int8 ; reverting it rewires n to X and to the
+fp32 weight from the fp32 model (same node names in both), then drops Q/DQ nodes and initializers
+nothing uses any more.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# Inputs that carry shapes, sizes, indices or scales: never cast to fp16 (they must keep their type,
+# and a float scale/ROI of Resize is declared float32 by the op).
+SHAPE_INPUTS = {
+    "Reshape": {1}, "Expand": {1}, "Tile": {1}, "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3},
+    "Resize": {1, 2, 3}, "Upsample": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "TopK": {1},
+    "Gather": {1}, "GatherElements": {1}, "ScatterND": {1}, "Split": {1}, "Squeeze": {1}, "Unsqueeze": {1},
+    "ReduceSum": {1}, "ReduceMean": {1}, "OneHot": {1}, "CumSum": {1},
+}
+# Ops whose fp16 form is a drop-in (same inputs, outputs follow the input type).
+FLOAT16_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Mul", "Sub", "Div", "Relu", "Sigmoid",
+               "Tanh", "Softmax", "Gelu", "BiasGelu", "FastGelu", "LayerNormalization", "Transpose", "Reshape",
+               "Resize", "Upsample", "Slice", "Expand", "Concat", "Squeeze", "Unsqueeze", "Pad", "MaxPool",
+               "AveragePool", "GlobalAveragePool", "Clip", "HardSigmoid", "HardSwish", "Tile", "Flatten"}
+
+
+_QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
+_METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+
+
+def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, method: str,
+                           exclude: list[str] = ()) -> None:
+    """onnxruntime.quantization.quantize_static with a target's static recipe and cached ranges."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {
+        # DefaultTensorType: the fused graph has contrib ops (Attention, SkipLayerNormalization) whose
+        # outputs ONNX shape inference cannot type; without a default the quantizer fails its lookup.
+        # MatMulConstBOnly: only MatMuls with a constant weight; activation x activation MatMuls
+        # (attention scores in unfused graphs) are the most sensitive and gain little.
+        "DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True,
+        "ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": recipe.weight_symmetric,
+    }
+    quantize_static(
+        str(src), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges_path),
+        calibrate_method=getattr(CalibrationMethod, _METHOD[method]),
+        quant_format=getattr(QuantFormat, recipe.format), op_types_to_quantize=list(recipe.op_types),
+        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+        activation_type=getattr(QuantType, _QTYPE[recipe.activation_type]),
+        weight_type=getattr(QuantType, _QTYPE[recipe.weight_type]),
+        nodes_to_exclude=list(exclude), extra_options=extra,
+    )
+    onnx.checker.check_model(str(out))
+
+
+def _producers(model) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def quantized_nodes(qdq_model, op_types) -> list[str]:
+    """Nodes of `op_types` whose first input comes out of a DequantizeLinear."""
+    prod = _producers(qdq_model)
+    return [n.name for n in qdq_model.graph.node if n.op_type in op_types and n.input
+            and n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear"]
+
+
+def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
+    """A copy of `qdq_model` with the nodes `names` computing in float again (fp16 islands when
+    `fp16`); the fp32 model supplies their original inputs and weights. `op_types`: the op types the
+    quantizer was asked to quantize (their nodes are the ones that need their Q/DQ pairs)."""
+    model = copy.deepcopy(qdq_model)
+    names = set(names)
+    still_quantized = set(quantized_nodes(model, set(op_types))) - names
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    fp32_nodes = {n.name: n for n in fp32_model.graph.node}
+    fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
+    have = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        orig = fp32_nodes[node.name]
+        del node.input[:]
+        node.input.extend(orig.input)
+        # ORT's QDQ format puts one Q -> DQ pair on a tensor for all its consumers (and on the
+        # node's output too, so it can become a QLinear kernel). Once no quantized node reads a
+        # pair, every consumer reads the float tensor again and the pair is pruned.
+        for t in list(orig.input) + list(node.output):
+            for q in [c for c in consumers.get(t, []) if c.op_type == "QuantizeLinear"]:
+                for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
+                    readers = consumers.get(dq.output[0], [])
+                    if not any(c.name in still_quantized for c in readers):
+                        for c in readers:
+                            c.input[:] = [t if i == dq.output[0] else i for i in c.input]
+        for t in orig.input:
+            if t in fp32_inits and t not in have:
+                model.graph.initializer.append(fp32_inits[t])
+                have.add(t)
+    prune(model)
+    if fp16:
+        to_fp16_islands(model, names)
+    return model
+
+
+def prune(model) -> None:
+    """Drop nodes whose outputs nobody reads (and that are not graph outputs), then unused
+    initializers, until nothing changes."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+
+
+def to_fp16_islands(model, names) -> None:
+    """Compute the nodes `names` in fp16: float inputs cast to fp16 at the island's edge (weights
+    converted once), outputs cast back to fp32 for consumers outside the island; a tensor passing
+    between two island nodes stays fp16. Shape-carrying inputs are never cast."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    island = [n for n in g.node if n.name in names]
+    island_names = {n.name for n in island}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    fp16_name: dict[str, str] = {}  # fp32 tensor -> its fp16 twin
+    is_fp16: set[str] = set()
+    new_nodes = []
+    for node in island:
+        if node.op_type not in FLOAT16_OPS:
+            raise ValueError(f"{node.name}: {node.op_type} is not supported in an fp16 island")
+        skip = SHAPE_INPUTS.get(node.op_type, set())
+        for idx, t in enumerate(node.input):
+            if not t or idx in skip or t in is_fp16:
+                continue
+            if t in inits:
+                init = inits[t]
+                if init.data_type != TensorProto.FLOAT:
+                    continue
+                twin = f"{t}_fp16"
+                if twin not in inits:
+                    arr = numpy_helper.to_array(init).astype("float16")
+                    inits[twin] = numpy_helper.from_array(arr, twin)
+                    g.initializer.append(inits[twin])
+                node.input[idx] = twin
+                continue
+            if t not in fp16_name:
+                fp16_name[t] = f"{t}_to_fp16"
+                is_fp16.add(fp16_name[t])
+                new_nodes.append(helper.make_node("Cast", [t], [fp16_name[t]], name=f"{t}_cast_fp16",
+                                                  to=TensorProto.FLOAT16))
+            node.input[idx] = fp16_name[t]
+        for idx, out in enumerate(node.output):
+            half = f"{out}_fp16"
+            node.output[idx] = half
+            fp16_name[out] = half
+            is_fp16.add(half)
+            outside = [c for c in consumers.get(out, []) if c.name not in island_names]
+            if outside or out in graph_outputs:
+                new_nodes.append(helper.make_node("Cast", [half], [out], name=f"{out}_cast_fp32",
+                                                  to=TensorProto.FLOAT))
+            for c in consumers.get(out, []):
+                if c.name in island_names:  # stays fp16 inside the island
+                    c.input[:] = [half if i == out else i for i in c.input]
+    g.node.extend(new_nodes)
+    # value_info of rewired tensors would now lie about their types: let inference redo them
+    del g.value_info[:]
+    wrapper = OnnxModel(model)
+    wrapper.topological_sort()
+    prune(model)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
