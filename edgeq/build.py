@@ -4,8 +4,8 @@ atomically.
 Stages write into a staging directory beside the final one; only a build that finished every stage
 and wrote its manifest replaces `artifacts/<model>/<target>/`. A failed or interrupted build leaves
 the previous complete build (if any) untouched and nothing that looks complete. Calibration ranges
-of the previous build are carried into the staging directory so unchanged inputs are not
-re-calibrated.
+are cached beside the builds (`<out>/<model>/.cache/`) and reused while model, data and calibration
+settings match.
 """
 from __future__ import annotations
 
@@ -196,8 +196,6 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    if (final / Files.CALIB_DIR).is_dir():  # reuse ranges when model, data and settings still match
-        shutil.copytree(final / Files.CALIB_DIR, staging / Files.CALIB_DIR)
     ctx = BuildContext(config=config, target=targets.load(config["target_profile"]), build_dir=staging,
                        model_name=config["name"], model_kind=config["model_kind"], model_path=Path(config["model"]),
                        log=log, progress=sys.stderr.isatty())

@@ -167,6 +167,27 @@ def parity(artifact_dir, target, cache_dir, install_deps, as_json) -> None:
         sys.exit(EXIT_PARITY_FAILED)
 
 
+@cli.command("inspect")
+@click.argument("artifact_dir")
+@click.option("--artifact", "-a", help="Only this artifact (e.g. int8-hybrid).")
+@click.option("--all-nodes", is_flag=True, help="List every node, not only those with weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def inspect_cmd(artifact_dir, artifact, all_nodes, as_json) -> None:
+    """Per-node precision of each artifact, and the measured sensitivity ranking."""
+    from pathlib import Path
+
+    from edgeq.pipeline.precision_map import inspect_build, render
+
+    report = inspect_build(Path(artifact_dir), artifact)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if all_nodes:
+        for a in report["artifacts"].values():
+            a["weighted_nodes"] = a["nodes"]
+    click.echo(render(report))
+
+
 class Interrupted(BaseException):
     """Raised by the SIGINT/SIGTERM handlers. Not KeyboardInterrupt: click would print a blank line
     for that; a BaseException still unwinds every `finally` (the build removes its staging dir)."""

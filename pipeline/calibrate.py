@@ -14,7 +14,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -105,21 +109,27 @@ def run(ctx: BuildContext) -> StageResult:
     key = {
         "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
         "method": method, "percentile": percentile if method == "percentile" else None,
-        "op_types": op_types, "max_length": max_length,
+        "op_types": op_types, "max_length": max_length, "symmetric": ctx.target.static.activation_symmetric,
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
+    # Shared by every build of this model under --out: a target that differs only in quantization
+    # settings (types, per-channel, reduce_range, format) reuses the ranges.
+    cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
     settings = {"method": method, "samples": len(samples) if isinstance(samples, list) else
                 len(next(iter(samples.values()))), "batch_size": batch_size, "max_length": max_length,
                 "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
-    if ranges_path.is_file() and meta_path.is_file():
-        try:
-            if json.loads(meta_path.read_text()).get("key") == key:
-                ctx.facts["ranges_path"] = ranges_path
-                return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
-                                   metrics=json.loads(meta_path.read_text()).get("metrics", {}))
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged cache is recomputed
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+        if meta.get("key") == key and (cache / "ranges.json").is_file():
+            ranges_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / "ranges.json", ranges_path)
+            meta_path.write_text(json.dumps(meta, indent=2))
+            ctx.facts["ranges_path"] = ranges_path
+            return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
+                               metrics={**meta.get("metrics", {}), "cache": str(cache)})
+    except (OSError, json.JSONDecodeError):
+        pass  # no cache, or a damaged one: recompute
 
     model = onnx.load(str(fp32))
     names = tensors_to_calibrate(model, set(op_types))
@@ -152,8 +162,23 @@ def run(ctx: BuildContext) -> StageResult:
     save_tensors_data(ranges, ranges_path)
     metrics = {"tensors": len(names), "batches": batches, "collect_seconds": round(time.perf_counter() - t0, 3)}
     meta_path.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
+    _store(cache, ranges_path, meta_path)
     ctx.facts["ranges_path"] = ranges_path
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
+
+
+def _store(cache: Path, ranges_path: Path, meta_path: Path) -> None:
+    """Publish ranges to the shared cache atomically: a directory renamed into place whole."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+    try:
+        shutil.copyfile(ranges_path, tmp / "ranges.json")
+        shutil.copyfile(meta_path, tmp / "meta.json")
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation; the build goes on
 
 
 def _samples_sha256(samples) -> str:

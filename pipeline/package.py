@@ -18,24 +18,11 @@ def file_records(ctx: BuildContext) -> list[dict]:
     return records
 
 
-def _drop_unused_ranges(ctx: BuildContext) -> None:
-    """Ranges carried over from the previous build for reuse ship only if this build used them."""
-    used = ctx.facts.get("ranges_path")
-    keep = {used, used.with_suffix(".meta.json")} if used else set()
-    calib_dir = ctx.path(Files.CALIB_DIR)
-    for p in sorted(calib_dir.glob("*")) if calib_dir.is_dir() else []:
-        if p not in keep:
-            p.unlink()
-    if calib_dir.is_dir() and not any(calib_dir.iterdir()):
-        calib_dir.rmdir()
-
-
 def run(ctx: BuildContext) -> StageResult:
     from edgeq.pipeline import mobile
 
     pkg = ctx.target.package
     metrics: dict = {}
-    _drop_unused_ranges(ctx)
     if pkg.get("ort_format"):
         metrics["ort"] = mobile.convert_to_ort(ctx)
     if pkg.get("mobile_readme"):

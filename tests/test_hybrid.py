@@ -136,3 +136,33 @@ def test_max_accuracy_drop_must_be_a_fraction(tiny_bert, tmp_path):
         resolve_config(model=str(tiny_bert), out=str(tmp_path), max_accuracy_drop=5)
     cfg = resolve_config(model=str(tiny_bert), out=str(tmp_path), modes=("hybrid",))
     assert cfg["max_accuracy_drop"] == 0.01 and cfg["modes"] == ["hybrid"]
+
+
+def test_inspect_reports_node_precisions_and_ranking(tiny_bert, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import run_build
+    from edgeq.pipeline.precision_map import inspect_build, render
+
+    m = run_build(tiny_bert, tmp_path, target="arm64", max_accuracy_drop=1e-9)
+    b = Path(m["build_dir"])
+    rep = inspect_build(b)
+    assert rep["artifacts"]["fp32"]["counts"] == {"fp32": 15}
+    static = {r["node"]: r["precision"] for r in rep["artifacts"]["int8-static"]["weighted_nodes"]}
+    assert sorted(static.values()).count("int8") == 4  # 6 MatMuls, the 2 after GELU kept float
+    assert all(static[k["node"]] == "fp32" for k in rep["artifacts"]["int8-static"]["kept"])
+    hyb = rep["artifacts"]["int8-hybrid"]
+    kept = [k["node"] for k in hyb["kept"]]
+    prec = {r["node"]: r["precision"] for r in hyb["weighted_nodes"]}
+    assert all(prec[n] == "fp16" for n in kept) and list(prec.values()).count("int8") == 6 - len(kept)
+    assert [s["node"] for s in rep["sensitivity"]][: len(kept)] == kept
+    assert "sensitivity (cosine lost" in render(rep) and "<- kept" in render(rep)
+    dyn = {r["op_type"] for r in rep["artifacts"]["int8-dynamic"]["weighted_nodes"] if r["precision"] == "int8"}
+    assert {"QAttention", "DynamicQuantizeMatMul"} <= dyn or {"QAttention", "MatMulInteger"} <= dyn
+    r = subprocess.run([sys.executable, "-m", "edgeq", "inspect", str(b), "--json", "-a", "int8-hybrid"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and list(json.loads(r.stdout)["artifacts"]) == ["int8-hybrid"]
+    r = subprocess.run([sys.executable, "-m", "edgeq", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("edgeq: error:") and len(r.stderr.splitlines()) == 1

@@ -476,3 +476,19 @@ def test_runtime_style_ort_for_ep_targets(tiny_bert, tmp_path):
     eps = _stage(m, "benchmark")["metrics"]["execution_providers"]
     assert eps["XnnpackExecutionProvider"].startswith("unavailable")
     assert eps["CPUExecutionProvider"] == "measured"
+
+
+def test_ranges_reused_across_targets_that_differ_only_in_quantization(tiny_bert, tmp_path):
+    """x86_64 and x86_64-vnni calibrate the same tensors the same way (they differ in reduce_range):
+    the second build takes the ranges from the shared cache."""
+    from conftest import run_build
+
+    a = run_build(tiny_bert, tmp_path, target="x86_64", modes=("static",))
+    b = run_build(tiny_bert, tmp_path, target="x86_64-vnni", modes=("static",))
+    assert _stage(a, "calibrate")["reused"] is False and _stage(b, "calibrate")["reused"] is True
+    ra, rb = (Path(m["build_dir"]) / "calibration/ranges-minmax.json" for m in (a, b))
+    assert ra.read_bytes() == rb.read_bytes()
+    c = run_build(tiny_bert, tmp_path, target="arm64", modes=("static",))  # int8 activations: same ranges
+    assert _stage(c, "calibrate")["reused"] is True
+    d = run_build(tiny_bert, tmp_path, target="tensorrt", modes=("static",))  # symmetric, entropy: its own
+    assert _stage(d, "calibrate")["reused"] is False
