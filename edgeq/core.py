@@ -210,6 +210,17 @@ def artifact_dict(a: Artifact) -> dict[str, Any]:
     return asdict(a)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, manifest.json), as a user error if not."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeqError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_manifest(build_dir: Path) -> dict[str, Any]:
     """The manifest of a complete build directory, as a user error when there is none."""
     path = Path(build_dir) / Files.MANIFEST
@@ -217,11 +228,8 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
         raise EdgeqError(f"artifact directory not found: {build_dir}")
     if not path.is_file():
         raise EdgeqError(f"{build_dir} is not a complete edgeq build (no {Files.MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeqError(f"{path}: not a valid manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+    manifest = read_json_object(path)
+    if manifest.get("schema") != MANIFEST_SCHEMA:
         raise EdgeqError(f"{path}: not an edgeq manifest (schema {MANIFEST_SCHEMA} expected)")
     return manifest
 

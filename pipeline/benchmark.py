@@ -13,7 +13,6 @@ import platform
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
 from edgeq.pipeline.measure import ensure_bench_inputs, measure
 
-BENCH_INPUTS = Files.BENCH_INPUTS
 
 
 def run(ctx: BuildContext) -> StageResult:

@@ -5,7 +5,6 @@ onnx.checker and used as is.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import warnings
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult, onnx_files, sha256_file
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult, onnx_files, read_json_object, sha256_file
 
 # Architectures -> optimum task. Everything else in an encoder config exports as feature extraction.
 _TASK_BY_ARCH_SUFFIX = {
@@ -35,13 +34,7 @@ def read_hf_config(model_dir: Path) -> dict:
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeqError(f"{cfg}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise EdgeqError(f"{cfg}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(cfg)
 
 
 def check_onnx(path: Path) -> None:

@@ -34,7 +34,13 @@ FLOAT16_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Mul", "Sub", "
                "AveragePool", "GlobalAveragePool", "Clip", "HardSigmoid", "HardSwish", "Tile", "Flatten"}
 
 
-_QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
+QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
+# Options every quantizer call gets. DefaultTensorType: the fused graph has contrib ops (Attention,
+# SkipLayerNormalization) whose outputs ONNX shape inference cannot type; without a default the
+# quantizer fails its type lookup. MatMulConstBOnly: only MatMuls with a constant weight;
+# activation x activation MatMuls (attention scores in unfused graphs) are the most sensitive and
+# gain little.
+QUANTIZER_OPTIONS = {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}
 _METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
 
@@ -43,21 +49,15 @@ def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, meth
     """onnxruntime.quantization.quantize_static with a target's static recipe and cached ranges."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    extra = {
-        # DefaultTensorType: the fused graph has contrib ops (Attention, SkipLayerNormalization) whose
-        # outputs ONNX shape inference cannot type; without a default the quantizer fails its lookup.
-        # MatMulConstBOnly: only MatMuls with a constant weight; activation x activation MatMuls
-        # (attention scores in unfused graphs) are the most sensitive and gain little.
-        "DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True,
-        "ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": recipe.weight_symmetric,
-    }
+    extra = {**QUANTIZER_OPTIONS, "ActivationSymmetric": recipe.activation_symmetric,
+             "WeightSymmetric": recipe.weight_symmetric}
     quantize_static(
         str(src), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges_path),
         calibrate_method=getattr(CalibrationMethod, _METHOD[method]),
         quant_format=getattr(QuantFormat, recipe.format), op_types_to_quantize=list(recipe.op_types),
         per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-        activation_type=getattr(QuantType, _QTYPE[recipe.activation_type]),
-        weight_type=getattr(QuantType, _QTYPE[recipe.weight_type]),
+        activation_type=getattr(QuantType, QTYPE[recipe.activation_type]),
+        weight_type=getattr(QuantType, QTYPE[recipe.weight_type]),
         nodes_to_exclude=list(exclude), extra_options=extra,
     )
     onnx.checker.check_model(str(out))

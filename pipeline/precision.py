@@ -135,11 +135,10 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
                       "warmup": min(bcfg["warmup"], 5), "runs": max(5, bcfg["runs"] // 2)})
     if "results" not in lat:
         raise RuntimeError(f"hybrid: benchmarking the steps failed: {lat.get('error') or lat.get('unavailable')}")
-    if "results" in lat:
-        fp32_ms = lat["results"][0]["latency_p50_ms"]
-        for s, res in zip(steps, lat["results"][1:]):
-            s["latency_p50_ms"] = res["latency_p50_ms"]
-            s["speedup_vs_fp32"] = round(fp32_ms / res["latency_p50_ms"], 3)
+    fp32_ms = lat["results"][0]["latency_p50_ms"]
+    for s, res in zip(steps, lat["results"][1:]):
+        s["latency_p50_ms"] = res["latency_p50_ms"]
+        s["speedup_vs_fp32"] = round(fp32_ms / res["latency_p50_ms"], 3)
     within = [s for s in steps if s["meets_budget"]]
     if not within:  # everything back in float and still over budget: only possible with fp16
         raise EdgeqError(f"hybrid: no step meets --max-accuracy-drop {budget} (best cosine "

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
 
-_QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
 
 
 def nodes_kept_float(model, op_types, after_ops) -> list[dict]:
@@ -46,13 +45,6 @@ def run(ctx: BuildContext) -> StageResult:
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
 
-def _common_extra() -> dict:
-    import onnx
-
-    # see hybrid.quantize_static_recipe for why these two
-    return {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
-
-
 def _static(ctx: BuildContext) -> tuple[dict, dict]:
     import onnx
 
@@ -82,14 +74,16 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
 def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from edgeq.pipeline.hybrid import QTYPE, QUANTIZER_OPTIONS
+
     r = ctx.target.dynamic
     src = ctx.path(Files.FP32)
     out = ctx.path(Files.model("int8-dynamic"))
     settings = {"weight_type": r.weight_type, "per_channel": r.per_channel, "reduce_range": r.reduce_range,
                 "op_types": list(r.op_types), "activations": "uint8, scale computed per inference"}
     quantize_dynamic(str(src), str(out), op_types_to_quantize=list(r.op_types), per_channel=r.per_channel,
-                     reduce_range=r.reduce_range, weight_type=getattr(QuantType, _QTYPE[r.weight_type]),
-                     extra_options=_common_extra())
+                     reduce_range=r.reduce_range, weight_type=getattr(QuantType, QTYPE[r.weight_type]),
+                     extra_options=dict(QUANTIZER_OPTIONS))
     _check(out)
     ctx.artifacts.append(Artifact(name="int8-dynamic", path=Files.model("int8-dynamic"), precision="int8",
                                   recipe={"mode": "dynamic", **settings}))
