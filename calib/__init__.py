@@ -5,10 +5,17 @@ the first N samples it needs. Formats:
   * plain text (.txt or anything else): one sample per non-empty line;
   * JSONL (.jsonl): one JSON object per line, text in `text_field` (default "text");
   * NumPy (.npz): arrays keyed by model input name, first axis = samples (non-text models).
+
+Evaluation data may carry labels, and then the evaluate stage reports a task metric as well as
+fidelity (see `read_eval_set`):
+  * JSONL {"text": ..., "label": ...}: classification (accuracy);
+  * JSONL {"text1": ..., "text2": ..., "score": ...} (or sentence1/sentence2): similarity pairs with
+    gold scores (Spearman correlation of the embeddings' cosine with the scores).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +82,113 @@ def read_texts(path: Path, limit: int | None = None, text_field: str = "text",
     if not texts:
         raise EdgeqError(f"{what} file has no samples: {path}")
     return texts
+
+
+PAIR_FIELDS = (("text1", "text2"), ("sentence1", "sentence2"))
+
+
+@dataclass
+class EvalSet:
+    """Evaluation samples: the distinct texts the models run on, and the labels of the task if any.
+
+    kind "text": fidelity only; "classification": `labels[i]` belongs to `texts[i]`; "pairs":
+    `pairs[k] = (i, j)` indexes `texts`, with gold similarity `scores[k]`."""
+
+    kind: str
+    texts: list[str]
+    labels: list = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def without(self, drop: set[str]) -> "EvalSet":
+        """The set minus samples whose text is in `drop` (calibration texts: never evaluate on them)."""
+        if self.kind == "pairs":
+            keep = [k for k, (i, j) in enumerate(self.pairs) if self.texts[i] not in drop and self.texts[j] not in drop]
+            texts: list[str] = []
+            index: dict[str, int] = {}
+            pairs = []
+            for k in keep:
+                ij = []
+                for t in (self.texts[self.pairs[k][0]], self.texts[self.pairs[k][1]]):
+                    if t not in index:
+                        index[t] = len(texts)
+                        texts.append(t)
+                    ij.append(index[t])
+                pairs.append(tuple(ij))
+            return EvalSet("pairs", texts, pairs=pairs, scores=[self.scores[k] for k in keep])
+        keep = [i for i, t in enumerate(self.texts) if t not in drop]
+        return EvalSet(self.kind, [self.texts[i] for i in keep],
+                       labels=[self.labels[i] for i in keep] if self.labels else [])
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.kind == "pairs" else len(self.texts)
+
+
+def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text",
+                  what: str = "evaluation") -> EvalSet:
+    """Evaluation data of a .txt or .jsonl file. A JSONL file whose first object has a "label" is a
+    classification set; one with text1/text2 (or sentence1/sentence2) and "score" is a pair set;
+    every later line must have the same fields. `limit` counts samples (pairs for a pair set)."""
+    check_readable(path, what)
+    if path.suffix.lower() not in {".jsonl", ".ndjson"}:
+        return EvalSet("text", read_texts(path, limit, text_field, what))
+    kind = None
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    out = EvalSet("text", texts)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if limit is not None and len(out) >= limit:
+                    break
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EdgeqError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise EdgeqError(f"{path}:{lineno}: expected a JSON object")
+                if kind is None:
+                    pair = next((p for p in PAIR_FIELDS if p[0] in obj), None)
+                    kind = "pairs" if pair else "classification" if "label" in obj else "text"
+                    out.kind = kind
+                if kind == "pairs":
+                    a, b = pair
+                    t1, t2, score = obj.get(a), obj.get(b), obj.get("score")
+                    if not (isinstance(t1, str) and isinstance(t2, str) and t1.strip() and t2.strip()):
+                        raise EdgeqError(f"{path}:{lineno}: expected non-empty strings '{a}' and '{b}'")
+                    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+                        raise EdgeqError(f"{path}:{lineno}: expected a number 'score'")
+                    ij = []
+                    for t in (t1.strip(), t2.strip()):
+                        if t not in index:
+                            index[t] = len(texts)
+                            texts.append(t)
+                        ij.append(index[t])
+                    out.pairs.append(tuple(ij))
+                    out.scores.append(float(score))
+                    continue
+                text = obj.get(text_field)
+                if not isinstance(text, str):
+                    raise EdgeqError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
+                if not text.strip():
+                    continue
+                if kind == "classification":
+                    label = obj.get("label")
+                    if isinstance(label, bool) or not isinstance(label, (int, str)):
+                        raise EdgeqError(f"{path}:{lineno}: expected a 'label' (an integer or a string)")
+                    out.labels.append(label)
+                texts.append(text.strip())
+    except UnicodeDecodeError as e:
+        raise EdgeqError(f"{path}: not UTF-8 text (byte {e.start}); a binary file?") from None
+    if not len(out):
+        raise EdgeqError(f"{what} file has no samples: {path}")
+    if kind == "classification" and len(set(map(str, out.labels))) < 2:
+        raise EdgeqError(f"{what} file {path.name}: a classification set needs at least two labels")
+    if kind == "pairs" and len(set(out.scores)) < 2:
+        raise EdgeqError(f"{what} file {path.name}: the pair scores are all equal; no correlation can be measured")
+    return out
 
 
 def read_npz(path: Path, input_names: list[str], what: str = "calibration",

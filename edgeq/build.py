@@ -65,7 +65,7 @@ def _model_name(path: Path, kind: str) -> str:
 
 def resolve_config(model: str | None = None, target: str | None = None, modes: tuple[str, ...] = (),
                    calib: str | None = None, eval_path: str | None = None, out: str = "artifacts",
-                   calib_method: str | None = None, calib_samples: int = 256, eval_samples: int = 120,
+                   calib_method: str | None = None, calib_samples: int = 256, eval_samples: int | None = None,
                    text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
                    name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
@@ -73,7 +73,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    max_accuracy_drop: float | None = None) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
-    from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_texts
+    from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_eval_set, read_texts
 
     if model is None:
         model_path, name = default_model_dir(), name or DEFAULT_MODEL_NAME
@@ -101,7 +101,11 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     for f, what, n in ((calib_file, "calibration", calib_samples), (eval_file, "evaluation", eval_samples)):
         check_readable(f, what)
         data_format(f, what)
-        if f.suffix.lower() != ".npz":
+        if f.suffix.lower() == ".npz":
+            continue
+        if what == "evaluation":
+            read_eval_set(f, limit=None, text_field=text_field)  # every line: a bad label anywhere fails now
+        else:
             read_texts(f, limit=n, text_field=text_field, what=what)
     if tokenizer and not Path(tokenizer).is_dir():
         raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
@@ -120,7 +124,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if text_data and not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
             raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
                              "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
-    for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", eval_samples, 1),
+    for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", 1 if eval_samples is None else eval_samples, 1),
                          ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
                          ("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
         if v < lo:
@@ -291,7 +295,7 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         arts.append({
             "name": a["name"], "path": str(build_dir / a["path"]), "sha256": files[a["path"]]["sha256"],
             "size_bytes": files[a["path"]]["size_bytes"], "precision": a["precision"],
-            "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement",
+            "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement", "task",
                                               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
                                               "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
                                               "size_vs_fp32") if k in m},
@@ -304,15 +308,17 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
-    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", "p50 ms", "p90 ms", "speedup", "RSS MB",
-             "EP nodes")]
+    task = next((a["metrics"]["task"]["metric"] for a in manifest["artifacts"] if "task" in a["metrics"]), None)
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *((task,) if task else ()),
+             "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
     for a in manifest["artifacts"]:
         m = a["metrics"]
 
         def f(k, fmt):
             return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
+        t = (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
-                     f("cosine", ".4f"), f("cosine_min", ".4f"), f("latency_p50_ms", ".2f"),
+                     f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
                      f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
                      f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -30,10 +30,13 @@ def cli(ctx: click.Context) -> None:
 @click.option("--mode", "-m", "modes", multiple=True,
               help="static, dynamic (int8), fp16, hybrid (repeatable; default: the target's modes).")
 @click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
-@click.option("--eval", "eval_path", type=str, help="Held-out evaluation data (same formats). Default: bundled set.")
+@click.option("--eval", "eval_path", type=str,
+              help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
+                   "task metric (accuracy, Spearman). Default: bundled set.")
 @click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's).")
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use.")
-@click.option("--eval-samples", type=int, default=120, show_default=True, help="Evaluation samples to use.")
+@click.option("--eval-samples", type=int,
+              help="Evaluation samples to use (default: 120 lines of text, every sample of labelled JSONL).")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data.")
 @click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]), help="Default: from config.json.")
@@ -43,6 +46,8 @@ def cli(ctx: click.Context) -> None:
 @click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per artifact.")
 @click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Tokens per calibration/evaluation sample (longer text is truncated).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size.")
 @click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O).")
 @click.option("--max-accuracy-drop", type=float,
@@ -50,7 +55,7 @@ def cli(ctx: click.Context) -> None:
                    "1 - cosine vs fp32 <= this (e.g. 0.01).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
-          text_field, task, tokenizer, name, out, runs, threads, seq_len, batch_size, fp16_io, max_accuracy_drop,
+          text_field, task, tokenizer, name, out, runs, threads, seq_len, max_length, batch_size, fp16_io, max_accuracy_drop,
           as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
@@ -62,7 +67,7 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
     config = resolve_config(model=model, target=target, modes=modes, calib=calib, eval_path=eval_path, out=out,
                             calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
-                            threads=threads, seq_len=seq_len, batch_size=batch_size, percentile=percentile,
+                            threads=threads, seq_len=seq_len, max_length=max_length, batch_size=batch_size, percentile=percentile,
                             fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop)
     if as_json:
         with stdout_to_stderr() as real_stdout:

@@ -6,6 +6,11 @@ Each sample runs alone (batch 1, no padding), as on a device. Metrics per artifa
                        the logits for classifiers), mean and worst case over samples;
   max_abs_err / mean_abs_err  over every element of the primary output (real tokens only);
   top1_agreement       classifiers: share of samples whose argmax matches fp32's.
+
+With labelled evaluation data (calib.read_eval_set), every artifact also gets `task`: the task
+metric and its change against fp32 -- accuracy for a classification set (a classifier's own argmax,
+or for an embedding model a logistic-regression head trained on fp32 embeddings, 5-fold), Spearman
+correlation of embedding cosines with gold scores for a pair set.
 """
 from __future__ import annotations
 
@@ -14,13 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, StageResult
-from edgeq.pipeline.metrics import fidelity, pooled
+from edgeq.pipeline.metrics import fidelity, label_accuracy, pair_cosines, pooled, probe_accuracy, spearman
+
+
+DEFAULT_TEXT_SAMPLES = 120  # unlabelled evaluation text read when --eval-samples is not given
 
 
 def run(ctx: BuildContext) -> StageResult:
     import onnxruntime as ort
 
-    samples, removed = _eval_samples(ctx)
+    samples, removed, evalset = _eval_samples(ctx)
     classifier = ctx.facts.get("task") == "text-classification"
     outputs: dict[str, tuple[list, np.ndarray]] = {}
     so = ort.SessionOptions()
@@ -41,17 +49,55 @@ def run(ctx: BuildContext) -> StageResult:
     for a in ctx.artifacts:
         raw, pool = outputs[a.name]
         a.metrics.update(fidelity(ref_raw, raw, ref_pool, pool, classifier))
+    task_settings = {}
+    if evalset is not None and evalset.kind != "text":
+        scores, task_settings = task_metric(ctx, evalset, {k: v[1] for k, v in outputs.items()})
+        for a in ctx.artifacts:
+            a.metrics["task"] = {"metric": task_settings["metric"], "value": round(scores[a.name], 6),
+                                 "delta_vs_fp32": round(scores[a.name] - scores["fp32"], 6),
+                                 "samples": len(evalset)}
     return StageResult(
         settings={"data": ctx.config["evaluation"]["path"], "samples": len(samples), "batch_size": 1,
-                  "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits"},
+                  "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
+                  **({"task": task_settings} if task_settings else {})},
         metrics={"overlap_with_calibration_removed": removed,
-                 **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement")
+                 **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement", "task")
                              if k in a.metrics} for a in ctx.artifacts}},
     )
 
 
+def task_metric(ctx: BuildContext, evalset, pooled_by_artifact: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
+    """The task metric of every artifact from its pooled outputs (one row per text of `evalset`)."""
+    ref = pooled_by_artifact["fp32"]
+    if evalset.kind == "pairs":
+        gold = evalset.scores
+        return ({k: spearman(pair_cosines(e, evalset.pairs), gold) for k, e in pooled_by_artifact.items()},
+                {"metric": "spearman", "how": "Spearman correlation of cosine(embedding1, embedding2) "
+                                              "with the gold scores", "pairs": len(evalset.pairs)})
+    if ctx.facts.get("task") == "text-classification":
+        label2id = class_index(ctx.facts.get("hf_config") or {}, ref.shape[1])
+        unknown = sorted({str(v) for v in evalset.labels} - set(label2id))
+        if unknown:
+            raise EdgeqError(f"evaluation labels {', '.join(unknown[:5])} are not classes of the model "
+                             f"(it has {', '.join(sorted(label2id, key=lambda k: label2id[k])[:10])})")
+        return ({k: label_accuracy(e, evalset.labels, label2id) for k, e in pooled_by_artifact.items()},
+                {"metric": "accuracy", "how": "argmax of the model's logits against the labels"})
+    return (probe_accuracy(ref, pooled_by_artifact, evalset.labels),
+            {"metric": "accuracy", "how": "logistic-regression head trained on fp32 embeddings (5 folds, "
+                                          "sample i in fold i mod 5), applied to each artifact's embeddings"})
+
+
+def class_index(hf_config: dict, num_classes: int) -> dict[str, int]:
+    """Label (as text) -> class index: the indices themselves and the config's label names."""
+    out = {str(i): i for i in range(num_classes)}
+    for i, name in (hf_config.get("id2label") or {}).items():
+        if str(i).isdigit() and int(i) < num_classes:
+            out[str(name)] = int(i)
+    return out
+
+
 def _eval_samples(ctx: BuildContext):
-    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_npz, read_texts
+    from edgeq.calib import EvalSet, TextFeeds, mask_of, model_feeds, read_eval_set, read_npz
 
     cfg = ctx.config["evaluation"]
     path = Path(cfg["path"])
@@ -63,17 +109,31 @@ def _eval_samples(ctx: BuildContext):
         shared = ctx.config["calibration"]["path"] == str(path) and "static" in ctx.config["modes"]
         held = range(n)[npz_calibration_share(n, shared)[1]]
         removed = n - len(held)  # the samples calibration used
-        return [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg["samples"]]], removed
+        return [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg["samples"]]], removed, None
     if ctx.facts.get("tokenizer") is None:
         raise EdgeqError("text evaluation data needs a tokenizer: pass --tokenizer DIR, or tensors as .npz")
     calib = set(ctx.facts.get("calibration_samples") or [])
-    texts = read_texts(path, limit=cfg["samples"] + len(calib), what="evaluation")
-    held_out = [t for t in texts if t not in calib][: cfg["samples"]]
-    if not held_out:
+    n = eval_count(cfg["samples"], path)
+    full = read_eval_set(path, limit=None if n is None else n + len(calib),
+                         text_field=ctx.config["calibration"]["text_field"])
+    evalset = full.without(calib)
+    if not len(evalset):
         raise EdgeqError(f"evaluation file {path} has no samples that are not also calibration samples")
+    if n is not None and evalset.kind != "pairs":
+        evalset = EvalSet(evalset.kind, evalset.texts[:n], labels=evalset.labels[:n])
+    elif n is not None:
+        evalset = EvalSet("pairs", evalset.texts, pairs=evalset.pairs[:n], scores=evalset.scores[:n])
     feeds = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
     out = []
-    for t in held_out:
+    for t in evalset.texts:
         f = feeds([t])
         out.append((model_feeds(f), mask_of(f)))
-    return out, sum(t in calib for t in texts)
+    return out, sum(t in calib for t in full.texts), evalset
+
+
+def eval_count(samples: int | None, path: Path) -> int | None:
+    """Samples to evaluate: --eval-samples when given, else all of a labelled (JSONL) set and
+    DEFAULT_TEXT_SAMPLES of plain text."""
+    if samples is not None:
+        return samples
+    return None if path.suffix.lower() in {".jsonl", ".ndjson"} else DEFAULT_TEXT_SAMPLES

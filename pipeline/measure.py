@@ -48,13 +48,13 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
 
 def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.ndarray]:
     """A batch of `seq_len` real tokens (held-out text, concatenated), so no position is padding."""
-    from edgeq.calib import TextFeeds, model_feeds, read_npz, read_texts
+    from edgeq.calib import TextFeeds, model_feeds, read_eval_set, read_npz
 
     eval_path = Path(ctx.config["evaluation"]["path"])
     if eval_path.suffix.lower() == ".npz":
         arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
         return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
-    text = " ".join(read_texts(eval_path, limit=200, what="evaluation"))
+    text = " ".join(read_eval_set(eval_path, limit=200, text_field=ctx.config["calibration"]["text_field"]).texts)
     feeds = model_feeds(TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], seq_len)([text], pad_to=seq_len))
     return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
 

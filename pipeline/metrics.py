@@ -25,3 +25,87 @@ def fidelity(ref: list[np.ndarray], got: list[np.ndarray], ref_pool: np.ndarray,
     if classifier:
         out["top1_agreement"] = float((ref_pool.argmax(1) == got_pool.argmax(1)).mean())
     return out
+
+
+# --- task metrics on labelled evaluation data ---------------------------------------------------
+# scipy and scikit-learn are not dependencies; the two statistics needed are a few lines of numpy.
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as scipy.stats.rankdata's default)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks)."""
+    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def pair_cosines(emb: np.ndarray, pairs) -> np.ndarray:
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    idx = np.asarray(pairs)
+    return (e[idx[:, 0]] * e[idx[:, 1]]).sum(1)
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-3, iters: int = 300) -> np.ndarray:
+    """Multinomial logistic regression (weights incl. bias) by full-batch gradient descent with
+    Nesterov momentum: deterministic, and convex, so the starting point does not matter."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros((xb.shape[1], classes))
+    v = np.zeros_like(w)
+    onehot = np.eye(classes)[y]
+    lr = 1.0 / (0.25 * (np.linalg.norm(xb, 2) ** 2) / len(x) + l2)  # 1 / Lipschitz constant of the gradient
+    for _ in range(iters):
+        ahead = w + 0.9 * v
+        z = xb @ ahead
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        grad = xb.T @ (p - onehot) / len(x) + l2 * ahead
+        v = 0.9 * v - lr * grad
+        w = w + v
+    return w
+
+
+def probe_accuracy(ref_emb: np.ndarray, embs: dict[str, np.ndarray], labels: list, folds: int = 5) -> dict[str, float]:
+    """Classification accuracy of an embedding model: a logistic-regression head trained on the fp32
+    embeddings of k-1 folds classifies each artifact's embeddings of the held-out fold, as a head
+    trained once and deployed beside a quantized encoder would. Folds are fixed (sample i is in fold
+    i mod k), so every artifact is scored on the same split."""
+    names = sorted({str(v) for v in labels})
+    y = np.array([names.index(str(v)) for v in labels])
+
+    def norm(e):
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    ref = norm(ref_emb.astype(np.float64))
+    fold = np.arange(len(y)) % folds
+    correct = {k: 0 for k in embs}
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        if not test.any() or len(set(y[train])) < 2:
+            continue
+        mu = ref[train].mean(0)
+        w = _fit_logistic(ref[train] - mu, y[train], len(names))
+        for k, e in embs.items():
+            xt = norm(e[test].astype(np.float64)) - mu
+            pred = (np.hstack([xt, np.ones((len(xt), 1))]) @ w).argmax(1)
+            correct[k] += int((pred == y[test]).sum())
+    return {k: correct[k] / len(y) for k in embs}
+
+
+def label_accuracy(logits: np.ndarray, labels: list, label2id: dict[str, int]) -> float:
+    """Accuracy of a classifier's argmax against labels given as class indices or class names."""
+    y = np.array([label2id[str(v)] for v in labels])
+    return float((logits.argmax(1) == y).mean())
