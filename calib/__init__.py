@@ -103,22 +103,27 @@ class EvalSet:
     def without(self, drop: set[str]) -> "EvalSet":
         """The set minus samples whose text is in `drop` (calibration texts: never evaluate on them)."""
         if self.kind == "pairs":
-            keep = [k for k, (i, j) in enumerate(self.pairs) if self.texts[i] not in drop and self.texts[j] not in drop]
-            texts: list[str] = []
-            index: dict[str, int] = {}
-            pairs = []
-            for k in keep:
-                ij = []
-                for t in (self.texts[self.pairs[k][0]], self.texts[self.pairs[k][1]]):
-                    if t not in index:
-                        index[t] = len(texts)
-                        texts.append(t)
-                    ij.append(index[t])
-                pairs.append(tuple(ij))
-            return EvalSet("pairs", texts, pairs=pairs, scores=[self.scores[k] for k in keep])
-        keep = [i for i, t in enumerate(self.texts) if t not in drop]
-        return EvalSet(self.kind, [self.texts[i] for i in keep],
-                       labels=[self.labels[i] for i in keep] if self.labels else [])
+            return self.subset([k for k, (i, j) in enumerate(self.pairs)
+                                if self.texts[i] not in drop and self.texts[j] not in drop])
+        return self.subset([i for i, t in enumerate(self.texts) if t not in drop])
+
+    def subset(self, keep: list[int]) -> "EvalSet":
+        """The samples (pairs for a pair set) at the indices `keep`, texts re-indexed."""
+        if self.kind != "pairs":
+            return EvalSet(self.kind, [self.texts[i] for i in keep],
+                           labels=[self.labels[i] for i in keep] if self.labels else [])
+        texts: list[str] = []
+        index: dict[str, int] = {}
+        pairs = []
+        for k in keep:
+            ij = []
+            for t in (self.texts[self.pairs[k][0]], self.texts[self.pairs[k][1]]):
+                if t not in index:
+                    index[t] = len(texts)
+                    texts.append(t)
+                ij.append(index[t])
+            pairs.append(tuple(ij))
+        return EvalSet("pairs", texts, pairs=pairs, scores=[self.scores[k] for k in keep])
 
     def __len__(self) -> int:
         return len(self.pairs) if self.kind == "pairs" else len(self.texts)

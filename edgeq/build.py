@@ -70,7 +70,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
                    percentile: float = 99.999, fp16_io: bool = False,
-                   max_accuracy_drop: float | None = None) -> dict[str, Any]:
+                   max_accuracy_drop: float | None = None, budget_metric: str = "cosine") -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
     from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_eval_set, read_texts
@@ -89,6 +89,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         max_accuracy_drop = 0.01
     if max_accuracy_drop is not None and not 0 < max_accuracy_drop < 1:
         raise EdgeqError(f"--max-accuracy-drop must be between 0 and 1 (a cosine drop), got {max_accuracy_drop}")
+    if budget_metric not in ("cosine", "task"):
+        raise EdgeqError(f"--budget-metric must be 'cosine' or 'task', got {budget_metric!r}")
     for m in modes:
         if m not in targets.MODES:
             raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(targets.MODES)})")
@@ -102,9 +104,14 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         check_readable(f, what)
         data_format(f, what)
         if f.suffix.lower() == ".npz":
+            if what == "evaluation" and budget_metric == "task":
+                raise EdgeqError("--budget-metric task needs labelled evaluation data (--eval JSONL); .npz has no labels")
             continue
         if what == "evaluation":
-            read_eval_set(f, limit=None, text_field=text_field)  # every line: a bad label anywhere fails now
+            kind = read_eval_set(f, limit=None, text_field=text_field).kind  # every line: a bad label fails now
+            if budget_metric == "task" and kind == "text":
+                raise EdgeqError(f"--budget-metric task needs labelled evaluation data (--eval JSONL with "
+                                 f"text+label or text1+text2+score); {f.name} has no labels")
         else:
             read_texts(f, limit=n, text_field=text_field, what=what)
     if tokenizer and not Path(tokenizer).is_dir():
@@ -140,6 +147,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         "model": str(model_path), "model_kind": kind, "name": name,
         "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
         "max_length": max_length, "export_atol": 1e-3, "max_accuracy_drop": max_accuracy_drop,
+        "budget_metric": budget_metric,
         "fp16": {"keep_io_types": profile.fp16.keep_io_types and not fp16_io,
                  "op_block_list": list(profile.fp16.op_block_list)},
         "calibration": {"path": str(calib_file), "method": method, "samples": calib_samples,

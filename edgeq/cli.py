@@ -53,10 +53,13 @@ def cli(ctx: click.Context) -> None:
 @click.option("--max-accuracy-drop", type=float,
               help="Also build int8-hybrid: static int8 with the most sensitive nodes in fp16/fp32 until "
                    "1 - cosine vs fp32 <= this (e.g. 0.01).")
+@click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
+              help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
+                   "(accuracy, Spearman), as an absolute drop.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
           text_field, task, tokenizer, name, out, runs, threads, seq_len, max_length, batch_size, fp16_io, max_accuracy_drop,
-          as_json) -> None:
+          budget_metric, as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
     MODEL is a Hugging Face model directory or an .onnx file; without it, the embedded default
@@ -68,7 +71,7 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
                             calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
                             threads=threads, seq_len=seq_len, max_length=max_length, batch_size=batch_size, percentile=percentile,
-                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop)
+                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric)
     if as_json:
         with stdout_to_stderr() as real_stdout:
             manifest = run_build(config)

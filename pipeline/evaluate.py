@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, StageResult
-from edgeq.pipeline.metrics import fidelity, label_accuracy, pair_cosines, pooled, probe_accuracy, spearman
+from edgeq.pipeline.metrics import fidelity, pooled, task_metric
 
 
 DEFAULT_TEXT_SAMPLES = 120  # unlabelled evaluation text read when --eval-samples is not given
@@ -51,7 +51,8 @@ def run(ctx: BuildContext) -> StageResult:
         a.metrics.update(fidelity(ref_raw, raw, ref_pool, pool, classifier))
     task_settings = {}
     if evalset is not None and evalset.kind != "text":
-        scores, task_settings = task_metric(ctx, evalset, {k: v[1] for k, v in outputs.items()})
+        scores, task_settings = task_metric(evalset, {k: v[1] for k, v in outputs.items()}, ctx.facts.get("task"),
+                                            ctx.facts.get("hf_config") or {})
         for a in ctx.artifacts:
             a.metrics["task"] = {"metric": task_settings["metric"], "value": round(scores[a.name], 6),
                                  "delta_vs_fp32": round(scores[a.name] - scores["fp32"], 6),
@@ -66,38 +67,8 @@ def run(ctx: BuildContext) -> StageResult:
     )
 
 
-def task_metric(ctx: BuildContext, evalset, pooled_by_artifact: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
-    """The task metric of every artifact from its pooled outputs (one row per text of `evalset`)."""
-    ref = pooled_by_artifact["fp32"]
-    if evalset.kind == "pairs":
-        gold = evalset.scores
-        return ({k: spearman(pair_cosines(e, evalset.pairs), gold) for k, e in pooled_by_artifact.items()},
-                {"metric": "spearman", "how": "Spearman correlation of cosine(embedding1, embedding2) "
-                                              "with the gold scores", "pairs": len(evalset.pairs)})
-    if ctx.facts.get("task") == "text-classification":
-        label2id = class_index(ctx.facts.get("hf_config") or {}, ref.shape[1])
-        unknown = sorted({str(v) for v in evalset.labels} - set(label2id))
-        if unknown:
-            raise EdgeqError(f"evaluation labels {', '.join(unknown[:5])} are not classes of the model "
-                             f"(it has {', '.join(sorted(label2id, key=lambda k: label2id[k])[:10])})")
-        return ({k: label_accuracy(e, evalset.labels, label2id) for k, e in pooled_by_artifact.items()},
-                {"metric": "accuracy", "how": "argmax of the model's logits against the labels"})
-    return (probe_accuracy(ref, pooled_by_artifact, evalset.labels),
-            {"metric": "accuracy", "how": "logistic-regression head trained on fp32 embeddings (5 folds, "
-                                          "sample i in fold i mod 5), applied to each artifact's embeddings"})
-
-
-def class_index(hf_config: dict, num_classes: int) -> dict[str, int]:
-    """Label (as text) -> class index: the indices themselves and the config's label names."""
-    out = {str(i): i for i in range(num_classes)}
-    for i, name in (hf_config.get("id2label") or {}).items():
-        if str(i).isdigit() and int(i) < num_classes:
-            out[str(name)] = int(i)
-    return out
-
-
 def _eval_samples(ctx: BuildContext):
-    from edgeq.calib import EvalSet, TextFeeds, mask_of, model_feeds, read_eval_set, read_npz
+    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set, read_npz
 
     cfg = ctx.config["evaluation"]
     path = Path(cfg["path"])
@@ -119,10 +90,8 @@ def _eval_samples(ctx: BuildContext):
     evalset = full.without(calib)
     if not len(evalset):
         raise EdgeqError(f"evaluation file {path} has no samples that are not also calibration samples")
-    if n is not None and evalset.kind != "pairs":
-        evalset = EvalSet(evalset.kind, evalset.texts[:n], labels=evalset.labels[:n])
-    elif n is not None:
-        evalset = EvalSet("pairs", evalset.texts, pairs=evalset.pairs[:n], scores=evalset.scores[:n])
+    if n is not None:
+        evalset = evalset.subset(list(range(min(n, len(evalset)))))
     feeds = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
     out = []
     for t in evalset.texts:

@@ -109,3 +109,37 @@ def label_accuracy(logits: np.ndarray, labels: list, label2id: dict[str, int]) -
     """Accuracy of a classifier's argmax against labels given as class indices or class names."""
     y = np.array([label2id[str(v)] for v in labels])
     return float((logits.argmax(1) == y).mean())
+
+
+def task_metric(evalset, pooled_by_artifact: dict[str, np.ndarray], task: str | None,
+                hf_config: dict) -> tuple[dict[str, float], dict]:
+    """The task metric of every model from its pooled outputs (one row per text of `evalset`, a
+    calib.EvalSet); `pooled_by_artifact` must hold "fp32", the reference the probe is trained on."""
+    from edgeq.core import EdgeqError
+
+    ref = pooled_by_artifact["fp32"]
+    if evalset.kind == "pairs":
+        gold = evalset.scores
+        return ({k: spearman(pair_cosines(e, evalset.pairs), gold) for k, e in pooled_by_artifact.items()},
+                {"metric": "spearman", "how": "Spearman correlation of cosine(embedding1, embedding2) "
+                                              "with the gold scores", "pairs": len(evalset.pairs)})
+    if task == "text-classification":
+        label2id = class_index(hf_config, ref.shape[1])
+        unknown = sorted({str(v) for v in evalset.labels} - set(label2id))
+        if unknown:
+            raise EdgeqError(f"evaluation labels {', '.join(unknown[:5])} are not classes of the model "
+                             f"(it has {', '.join(sorted(label2id, key=lambda k: label2id[k])[:10])})")
+        return ({k: label_accuracy(e, evalset.labels, label2id) for k, e in pooled_by_artifact.items()},
+                {"metric": "accuracy", "how": "argmax of the model's logits against the labels"})
+    return (probe_accuracy(ref, pooled_by_artifact, evalset.labels),
+            {"metric": "accuracy", "how": "logistic-regression head trained on fp32 embeddings (5 folds, "
+                                          "sample i in fold i mod 5), applied to each artifact's embeddings"})
+
+
+def class_index(hf_config: dict, num_classes: int) -> dict[str, int]:
+    """Label (as text) -> class index: the indices themselves and the config's label names."""
+    out = {str(i): i for i in range(num_classes)}
+    for i, name in (hf_config.get("id2label") or {}).items():
+        if str(i).isdigit() and int(i) < num_classes:
+            out[str(name)] = int(i)
+    return out

@@ -10,6 +10,12 @@ alone is quantized, on calibration samples), then take the most sensitive nodes 
 precision one at a time (fp16 islands where the target has fp16 compute, fp32 where it has none,
 as on the x86 CPU EP) until 1 - cosine <= X. Every step's accuracy, latency and size is recorded;
 the artifact is the fastest step within the budget.
+
+With `--budget-metric task` and labelled evaluation data, a step meets the budget when its task
+metric (accuracy, Spearman) is at most X below fp32's, measured on the even-indexed half of the
+labelled set (the selection half; the evaluate stage reports on the whole set). Sensitivity is still
+ranked by cosine: a task metric on a few hundred samples moves in steps too coarse to rank single
+nodes.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.pipeline.metrics import pooled
+from edgeq.pipeline.metrics import pooled, task_metric
 
 
 def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = None) -> dict:
@@ -106,6 +112,24 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         c = (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
         return float(c.mean())
 
+    budget_metric = ctx.config.get("budget_metric", "cosine")
+    task_sel = _task_selection(ctx) if budget_metric == "task" else None
+    name = value = ref_value = None
+    if task_sel is not None:
+        tsel, tfeeds = task_sel
+
+        def task_pool(model):
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in tfeeds])
+
+        task_ref = task_pool(fp32)
+
+        def task_value(model) -> float:
+            got = task_pool(model)
+            scores, how = task_metric(tsel, {"fp32": task_ref, "m": got}, ctx.facts.get("task"),
+                                      ctx.facts.get("hf_config") or {})
+            return scores["m"], scores["fp32"], how["metric"]
+
     fp16 = bool(ctx.target.fp16_compute)
     higher = "fp16" if fp16 else "fp32"
     # sensitivity: the cosine each node costs when it alone is quantized
@@ -123,10 +147,18 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         onnx.save(model, str(path))
         onnx.checker.check_model(str(path))
         cos = cosine(model)
-        steps.append({"step": k, "kept": ranked[:k], "cosine": round(cos, 6), "meets_budget": 1 - cos <= budget,
-                      "size_bytes": path.stat().st_size, "path": path})
-        ctx.log(f"  hybrid step {k}: {k} node(s) in {higher}, cosine {cos:.4f}")
-        if 1 - cos <= budget:
+        step = {"step": k, "kept": ranked[:k], "cosine": round(cos, 6), "size_bytes": path.stat().st_size,
+                "path": path}
+        drop = 1 - cos
+        if task_sel is not None:
+            value, ref_value, name = task_value(model)
+            drop = ref_value - value
+            step.update({name: round(value, 6), f"{name}_fp32": round(ref_value, 6)})
+        step["meets_budget"] = drop <= budget + 1e-12
+        steps.append(step)
+        ctx.log(f"  hybrid step {k}: {k} node(s) in {higher}, cosine {cos:.4f}"
+                + (f", {name} {value:.4f} (fp32 {ref_value:.4f})" if task_sel is not None else ""))
+        if step["meets_budget"]:
             break
     # latency of every step and fp32, interleaved in one process (the same runner as the benchmark)
     bcfg = ctx.config["benchmark"]
@@ -140,8 +172,8 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         s["latency_p50_ms"] = res["latency_p50_ms"]
         s["speedup_vs_fp32"] = round(fp32_ms / res["latency_p50_ms"], 3)
     within = [s for s in steps if s["meets_budget"]]
-    if not within:  # everything back in float and still over budget: only possible with fp16
-        raise EdgeqError(f"hybrid: no step meets --max-accuracy-drop {budget} (best cosine "
+    if not within:  # everything back in float and still over budget: fp16, or a task metric's noise
+        raise EdgeqError(f"hybrid: no step meets --max-accuracy-drop {budget} on {budget_metric} (best cosine "
                          f"{max(s['cosine'] for s in steps):.4f})")
     chosen = min(within, key=lambda s: s.get("latency_p50_ms", float("inf")))
     out = Files.model("int8-hybrid")
@@ -152,7 +184,10 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
             for i, n in enumerate(chosen["kept"])]
     curve = [{k: v for k, v in s.items() if k not in ("path", "kept")} | {"kept_nodes": len(s["kept"])}
              for s in steps]
-    settings = {"max_accuracy_drop": budget, "metric": "cosine of pooled outputs vs fp32",
+    metric_text = ("cosine of pooled outputs vs fp32" if task_sel is None else
+                   f"task metric ({name}) drop vs fp32 "
+                   f"on the even-indexed half of the evaluation data ({len(task_sel[0])} samples)")
+    settings = {"max_accuracy_drop": budget, "budget_metric": budget_metric, "metric": metric_text,
                 "selection_samples": len(sel), "fallback_precision": higher, "candidates": len(candidates),
                 "recipe": "static int8 of the target, all candidate nodes, then greedy fallback by sensitivity"}
     ctx.artifacts.append(Artifact(name="int8-hybrid", path=out, precision=f"int8+{higher}",
@@ -162,3 +197,20 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         if s is not chosen:
             s["path"].unlink()
     return settings, {"sensitivity": sensitivity, "curve": curve, "chosen_step": chosen["step"], "kept": kept}
+
+
+def _task_selection(ctx: BuildContext):
+    """(the selection half of the labelled evaluation set, its feeds) for a task-metric budget."""
+    from pathlib import Path
+
+    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set
+
+    path = Path(ctx.config["evaluation"]["path"])
+    evalset = read_eval_set(path, text_field=ctx.config["calibration"]["text_field"])
+    evalset = evalset.without(set(ctx.facts.get("calibration_samples") or []))
+    if evalset.kind == "text":
+        raise EdgeqError(f"--budget-metric task needs labelled evaluation data (JSONL with labels or scored "
+                         f"pairs); {path.name} has none")
+    sel = evalset.subset(list(range(0, len(evalset), 2)))
+    tf = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
+    return sel, [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in sel.texts)]

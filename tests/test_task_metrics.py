@@ -147,3 +147,29 @@ def test_classifier_accuracy_uses_the_models_classes(tiny_classifier, tmp_path):
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": t, "label": ["a", "zzz"][i % 2]} for i, t in enumerate(texts)])
     with pytest.raises(EdgeqError, match="are not classes of the model"):
         run_build(tiny_classifier, tmp_path / "out2", modes=("dynamic",), eval_path=str(bad), eval_samples=None)
+
+
+def test_hybrid_budget_on_the_task_metric(tiny_bert, tmp_path):
+    from edgeq.calib import default_eval_path
+
+    texts = default_eval_path().read_text().splitlines()[:40]
+    data = _jsonl(tmp_path / "labelled.jsonl",
+                  [{"text": t, "label": "long" if len(t) > 60 else "short"} for t in texts])
+    m = run_build(tiny_bert, tmp_path / "out", modes=("static",), eval_path=str(data), eval_samples=None,
+                  max_accuracy_drop=0.05, budget_metric="task")
+    prec = next(s for s in m["stages"] if s["stage"] == "precision")
+    assert prec["settings"]["hybrid"]["budget_metric"] == "task"
+    assert "even-indexed half" in prec["settings"]["hybrid"]["metric"]
+    curve = prec["metrics"]["hybrid"]["curve"]
+    for step in curve:  # every step records the task metric and whether it meets the budget on it
+        assert step["meets_budget"] == (step["accuracy_fp32"] - step["accuracy"] <= 0.05 + 1e-12)
+    assert curve[-1]["meets_budget"] and not any(s["meets_budget"] for s in curve[:-1])
+
+
+def test_task_budget_needs_labels(tiny_bert, tmp_path):
+    from edgeq.build import resolve_config
+
+    with pytest.raises(EdgeqError, match="needs labelled evaluation data"):
+        resolve_config(model=str(tiny_bert), out=str(tmp_path), max_accuracy_drop=0.01, budget_metric="task")
+    with pytest.raises(EdgeqError, match="--budget-metric must be"):
+        resolve_config(model=str(tiny_bert), out=str(tmp_path), budget_metric="loss")
