@@ -108,8 +108,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                 raise EdgeqError("--budget-metric task needs labelled evaluation data (--eval JSONL); .npz has no labels")
             continue
         if what == "evaluation":
-            kind = read_eval_set(f, limit=None, text_field=text_field).kind  # every line: a bad label fails now
-            if budget_metric == "task" and kind == "text":
+            labelled = read_eval_set(f, limit=None, text_field=text_field).kind != "text"  # a bad label fails now
+            if budget_metric == "task" and not labelled:
                 raise EdgeqError(f"--budget-metric task needs labelled evaluation data (--eval JSONL with "
                                  f"text+label or text1+text2+score); {f.name} has no labels")
         else:
