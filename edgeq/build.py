@@ -48,8 +48,10 @@ def _model_kind(path: Path) -> str:
     if not path.exists():
         raise EdgeqError(f"model not found: {path}")
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
         if path.suffix.lower() != ".onnx":
-            raise EdgeqError(f"{path}: expected a Hugging Face model directory or an .onnx file")
+            raise EdgeqError(f"{path}: expected a Hugging Face model directory, an .onnx or a .gguf file")
         return "onnx"
     if not (path / "config.json").is_file():
         raise EdgeqError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -57,7 +59,7 @@ def _model_kind(path: Path) -> str:
 
 
 def _model_name(path: Path, kind: str) -> str:
-    base = path.stem if kind == "onnx" else path.name
+    base = path.stem if kind in ("onnx", "gguf") else path.name
     if base in {"model", "onnx", ""}:
         base = path.parent.name if kind == "hf" else path.parent.name or base
     return base
@@ -67,10 +69,11 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    calib: str | None = None, eval_path: str | None = None, out: str = "artifacts",
                    calib_method: str | None = None, calib_samples: int = 256, eval_samples: int | None = None,
                    text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
-                   name: str | None = None, runs: int = 100, warmup: int = 10, threads: int = 0,
+                   name: str | None = None, runs: int | None = None, warmup: int = 10, threads: int = 0,
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
                    percentile: float = 99.999, fp16_io: bool = False,
-                   max_accuracy_drop: float | None = None, budget_metric: str = "cosine") -> dict[str, Any]:
+                   max_accuracy_drop: float | None = None, budget_metric: str = "cosine",
+                   block_size: int = 32, accuracy_level: int = 4, new_tokens: int = 32) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
     from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_eval_set, read_texts
@@ -84,6 +87,19 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if tname.endswith(".toml"):
         tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
+    family = _family(model_path, kind)
+    if runs is None:
+        runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
+    if family == "causal-lm":
+        modes = tuple(modes) or LM_MODES
+        wrong = [m for m in modes if m not in LM_MODES]
+        if wrong or max_accuracy_drop is not None:
+            raise EdgeqError(f"mode {', '.join(wrong) or 'hybrid'} is not built for causal language models "
+                             f"(they get weight-only {' and '.join(LM_MODES)}: no activation calibration)")
+        if block_size not in (16, 32, 64, 128, 256):
+            raise EdgeqError(f"--block-size must be one of 16, 32, 64, 128, 256, got {block_size}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeqError(f"--accuracy-level must be 0-4, got {accuracy_level}")
     modes = tuple(dict.fromkeys(tuple(modes or profile.modes) + (("hybrid",) if max_accuracy_drop is not None else ())))
     if "hybrid" in modes and max_accuracy_drop is None:
         max_accuracy_drop = 0.01
@@ -104,6 +120,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         check_readable(f, what)
         data_format(f, what)
         if f.suffix.lower() == ".npz":
+            if family == "causal-lm":
+                raise EdgeqError(f"{what} data for a language model is text (.txt or .jsonl), not .npz")
             if what == "evaluation" and budget_metric == "task":
                 raise EdgeqError("--budget-metric task needs labelled evaluation data (--eval JSONL); .npz has no labels")
             continue
@@ -117,7 +135,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if tokenizer and not Path(tokenizer).is_dir():
         raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
     if kind == "hf":
-        hf_config = _check_hf_model(model_path, Path(tokenizer) if tokenizer else model_path)
+        hf_config = _check_hf_model(model_path, Path(tokenizer) if tokenizer else model_path, family)
         positions = hf_config.get("max_position_embeddings")
         for label, v in (("--seq-len", seq_len), ("--max-length", max_length)):
             if isinstance(positions, int) and v > positions:
@@ -131,7 +149,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if text_data and not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
             raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
                              "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
-    for label, v, lo in (("--calib-samples", calib_samples, 1), ("--eval-samples", 1 if eval_samples is None else eval_samples, 1),
+    for label, v, lo in (("--new-tokens", new_tokens, 1), ("--calib-samples", calib_samples, 1), ("--eval-samples", 1 if eval_samples is None else eval_samples, 1),
                          ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
                          ("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
         if v < lo:
@@ -144,7 +162,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         raise EdgeqError(f"model name {name!r} can't be a folder name: use letters, digits, '.', '_', '-' (--name)")
     out_dir = _writable_dir(Path(out).expanduser().resolve())
     return {
-        "model": str(model_path), "model_kind": kind, "name": name,
+        "model": str(model_path), "model_kind": kind, "family": family, "name": name,
         "target": profile.name, "target_profile": tname, "modes": list(modes), "task": task, "tokenizer": tokenizer,
         "max_length": max_length, "export_atol": 1e-3, "max_accuracy_drop": max_accuracy_drop,
         "budget_metric": budget_metric,
@@ -154,14 +172,16 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                         "batch_size": 16, "text_field": text_field, "percentile": percentile},
         "evaluation": {"path": str(eval_file), "samples": eval_samples},
         "benchmark": {"batch_size": batch_size, "seq_len": seq_len, "runs": runs, "warmup": warmup,
-                      "threads": threads},
+                      "threads": threads, **({"new_tokens": new_tokens} if family == "causal-lm" else {})},
+        **({"int4": {"block_size": block_size, "symmetric": True, "accuracy_level": accuracy_level,
+                     "embeddings": True}} if "int4" in modes else {}),
         "out": str(out_dir),
     }
 
 
 DATA_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npz": "npz"}
 # Decoder and encoder-decoder heads: not what the encoder pipeline exports or evaluates.
-_UNSUPPORTED_ARCH = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+_UNSUPPORTED_ARCH = ("ForConditionalGeneration", "ForSeq2SeqLM")
 
 
 def data_format(path: Path, what: str) -> str:
@@ -172,14 +192,41 @@ def data_format(path: Path, what: str) -> str:
     return fmt
 
 
-def _check_hf_model(model_dir: Path, tokenizer_dir: Path) -> dict:
+LM_MODES = ("dynamic", "int4")
+_DECODER_ARCH = ("ForCausalLM", "LMHeadModel")
+
+
+def _family(model_path: Path, kind: str) -> str:
+    """"causal-lm" (decoder-only, built with its key/value cache) or "encoder"."""
+    if kind == "gguf":
+        return "causal-lm"
+    if kind == "hf":
+        from edgeq.pipeline.export import read_hf_config
+
+        cfg = read_hf_config(model_path)
+        archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+        if any(a.endswith(_DECODER_ARCH) for a in archs) and not cfg.get("is_encoder_decoder"):
+            return "causal-lm"
+    if kind == "onnx":
+        import onnx
+
+        from edgeq.pipeline.export import check_onnx
+
+        check_onnx(model_path)
+        names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+        if any(n.startswith("past_key_values.") for n in names):
+            return "causal-lm"
+    return "encoder"
+
+
+def _check_hf_model(model_dir: Path, tokenizer_dir: Path, family: str = "encoder") -> dict:
     from edgeq.pipeline.export import read_hf_config
 
     cfg = read_hf_config(model_dir)
     archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
-    if any(a.endswith(_UNSUPPORTED_ARCH) for a in archs) or cfg.get("is_encoder_decoder"):
-        raise EdgeqError(f"{model_dir.name}: {', '.join(archs) or cfg.get('model_type')} is a generative model; "
-                         "edgeq builds encoder models (feature extraction, sequence classification) for now")
+    if family == "encoder" and (any(a.endswith(_UNSUPPORTED_ARCH) for a in archs) or cfg.get("is_encoder_decoder")):
+        raise EdgeqError(f"{model_dir.name}: {', '.join(archs) or cfg.get('model_type')} is an encoder-decoder "
+                         "model; edgeq builds encoders (feature extraction, classification) and decoder-only LMs")
     if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
         raise EdgeqError(f"no tokenizer files in {tokenizer_dir} (tokenizer.json, vocab.txt...): pass --tokenizer DIR")
     return cfg
@@ -222,7 +269,7 @@ def build(config: dict[str, Any], log: Callable[[str], None] | None = None) -> d
             for i, stage in enumerate(STAGES, 1):
                 modes = set(config["modes"])
                 skip = {"calibrate": not {"static", "hybrid"} & modes,
-                        "quantize": not {"static", "dynamic"} & modes,
+                        "quantize": not {"static", "dynamic", "int4"} & modes,
                         "precision": not {"fp16", "hybrid"} & modes}.get(stage)
                 if skip:
                     records.append({"stage": stage, "skipped": f"not needed for modes {config['modes']}"})
@@ -317,14 +364,17 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def summary_table(manifest: dict[str, Any]) -> str:
     task = next((a["metrics"]["task"]["metric"] for a in manifest["artifacts"] if "task" in a["metrics"]), None)
+    lm = any("decode_tokens_per_s" in a["metrics"] for a in manifest["artifacts"])
     rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *((task,) if task else ()),
-             "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
+             *(("tok/s",) if lm else ()),
+             "prefill ms" if lm else "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
     for a in manifest["artifacts"]:
         m = a["metrics"]
 
         def f(k, fmt):
             return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
         t = (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
+        t += (f("decode_tokens_per_s", ".1f"),) if lm else ()
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
                      f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
                      f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),

@@ -28,7 +28,8 @@ def cli(ctx: click.Context) -> None:
 @click.argument("model", required=False)
 @click.option("--target", "-t", help="Target profile (see `edgeq targets`); default: this machine's CPU.")
 @click.option("--mode", "-m", "modes", multiple=True,
-              help="static, dynamic (int8), fp16, hybrid (repeatable; default: the target's modes).")
+              help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
+                   "dynamic and int4 for a causal LM).")
 @click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
 @click.option("--eval", "eval_path", type=str,
               help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
@@ -43,7 +44,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it.")
 @click.option("--name", help="Model name used for the output folder.")
 @click.option("--out", "-o", default="artifacts", show_default=True, help="Output root.")
-@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per artifact.")
+@click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM).")
 @click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
 @click.option("--max-length", type=int, default=128, show_default=True,
@@ -53,17 +54,23 @@ def cli(ctx: click.Context) -> None:
 @click.option("--max-accuracy-drop", type=float,
               help="Also build int8-hybrid: static int8 with the most sensitive nodes in fp16/fp32 until "
                    "1 - cosine vs fp32 <= this (e.g. 0.01).")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4: weights per quantization block (16, 32, 64, 128, 256).")
+@click.option("--accuracy-level", type=int, default=4, show_default=True,
+              help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input).")
+@click.option("--new-tokens", type=int, default=32, show_default=True,
+              help="Causal LM benchmark: tokens generated after the --seq-len prompt.")
 @click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
               help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
                    "(accuracy, Spearman), as an absolute drop.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
           text_field, task, tokenizer, name, out, runs, threads, seq_len, max_length, batch_size, fp16_io, max_accuracy_drop,
-          budget_metric, as_json) -> None:
+          block_size, accuracy_level, new_tokens, budget_metric, as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
-    MODEL is a Hugging Face model directory or an .onnx file; without it, the embedded default
-    model (all-MiniLM-L6-v2) is built.
+    MODEL is a Hugging Face model directory, an .onnx file or a causal LM's .gguf file; without it,
+    the embedded default model (all-MiniLM-L6-v2) is built.
     """
     from edgeq.build import build as run_build, json_summary, resolve_config, summary_table
 
@@ -71,7 +78,8 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
                             calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
                             threads=threads, seq_len=seq_len, max_length=max_length, batch_size=batch_size, percentile=percentile,
-                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric)
+                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric,
+                            block_size=block_size, accuracy_level=accuracy_level, new_tokens=new_tokens)
     if as_json:
         with stdout_to_stderr() as real_stdout:
             manifest = run_build(config)
@@ -223,6 +231,31 @@ def _terminate(signum, frame) -> None:
 def _one_line(text: str, limit: int = 400) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@cli.command()
+@click.argument("artifact_dir")
+@click.argument("prompt")
+@click.option("--artifact", "-a", help="Which model of the build (default: int4, else int8-dynamic, else fp32).")
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (instruct models).")
+@click.option("--threads", type=int, default=0, help="Intra-op threads (0: all cores).")
+def generate(artifact_dir, prompt, artifact, max_new_tokens, chat, threads) -> None:
+    """Generate text from PROMPT with a causal LM build (greedy, with the key/value cache).
+
+    The text streams to stdout; prefill time and decode speed go to stderr.
+    """
+    from pathlib import Path
+
+    from edgeq.pipeline.causal_lm import generate_text
+
+    if max_new_tokens < 1:
+        raise EdgeqError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    stats = generate_text(Path(artifact_dir), prompt, artifact, max_new_tokens, chat, threads,
+                          write=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    click.echo(f"[{stats['artifact']}: {stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_ms']:.1f} ms; "
+               f"{stats['new_tokens']} new tokens at {stats['decode_tokens_per_s']:.1f} tokens/s]", err=True)
 
 
 def main() -> None:

@@ -109,6 +109,12 @@ def main(spec: dict) -> dict:
         names = {i.name for i in sess.get_inputs()}
         sessions.append(sess)
         feeds.append({k: v for k, v in feeds_all.items() if k in names})
+    if spec.get("new_tokens"):
+        out = _generation(spec, sessions, feeds_all, load_ms)
+        out["rss_before_load_mb"] = round(rss_before, 1)
+        if len(sessions) == 1:
+            out["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
+        return out
     for sess, f in zip(sessions, feeds):
         for _ in range(int(spec.get("warmup", 10))):
             sess.run(None, f)
@@ -148,6 +154,54 @@ def main(spec: dict) -> dict:
         if spec.get("partition"):
             out["partition"] = partition(spec["models"][0], feeds[0], provider, session_options)
     return out
+
+
+def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
+    """Causal LMs: each run is one greedy generation with the key/value cache -- the prompt
+    (`input_ids` of the inputs file) in one prefill call, then `new_tokens` - 1 one-token steps.
+    Reports prefill latency and decode speed (the median step), models interleaved run by run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        import lm_runtime  # run as a script (here, or copied to a device beside this file)
+    except ImportError:
+        from edgeq.pipeline import lm_runtime
+
+    ids = feeds_all["input_ids"]
+    new = int(spec["new_tokens"])
+    models = [lm_runtime.KVModel(s) for s in sessions]
+    for lm in models:
+        for _ in range(max(1, int(spec.get("warmup", 1)))):
+            lm.generate(ids, new)
+    prefill = [[] for _ in models]
+    steps = [[] for _ in models]
+    runs = int(spec.get("runs", 5))
+    deadline = time.perf_counter() + float(spec.get("max_seconds", 300))
+    while len(prefill[0]) < runs and time.perf_counter() < deadline:
+        for i, lm in enumerate(models):
+            _, p, st = lm.generate(ids, new)
+            prefill[i].append(p * 1000)
+            steps[i].extend(x * 1000 for x in st)
+    results = []
+    for s, p, st, lm_ms in zip(sessions, prefill, steps, load_ms):
+        p, st = np.asarray(p), np.asarray(st)
+        step_ms = float(np.percentile(st, 50)) if len(st) else float("nan")
+        results.append({
+            "provider": s.get_providers()[0], "runs": len(p), "load_ms": round(lm_ms, 3),
+            "prompt_tokens": int(ids.shape[1]), "new_tokens": new, "batch": int(ids.shape[0]),
+            "prefill_p50_ms": round(float(np.percentile(p, 50)), 4),
+            "prefill_p90_ms": round(float(np.percentile(p, 90)), 4),
+            "decode_ms_per_token_p50": round(step_ms, 4),
+            "decode_ms_per_token_p90": round(float(np.percentile(st, 90)), 4) if len(st) else None,
+            "decode_tokens_per_s": round(int(ids.shape[0]) * 1000 / step_ms, 3) if len(st) else None,
+            # the stage's common columns: latency = prefill, throughput = generated tokens/s
+            "latency_p50_ms": round(float(np.percentile(p, 50)), 4),
+            "latency_p90_ms": round(float(np.percentile(p, 90)), 4),
+            "latency_p99_ms": round(float(np.percentile(p, 99)), 4),
+            "throughput_per_s": round(int(ids.shape[0]) * 1000 / step_ms, 3) if len(st) else None,
+        })
+    return {"results": results, "onnxruntime": ort.__version__}
 
 
 if __name__ == "__main__":

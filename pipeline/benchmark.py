@@ -29,7 +29,7 @@ def run(ctx: BuildContext) -> StageResult:
                          any(v == "measured" for v in eps.values())):
             continue
         ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg['runs']} runs each")
-        rs = measure(models, inputs, ep, threads, cfg["warmup"], cfg["runs"])
+        rs = measure(models, inputs, ep, threads, cfg["warmup"], cfg["runs"], new_tokens=cfg.get("new_tokens"))
         if isinstance(rs, str):
             eps[ep] = rs
             ctx.log(f"  {ep}: {rs}")
@@ -64,15 +64,21 @@ def run(ctx: BuildContext) -> StageResult:
             a.metrics["benchmark_error"] = r["error"]
             notes.append(f"{a.name} could not be benchmarked on {primary}: {r['error']}")
             continue
-        for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb"):
+        for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s", "load_ms", "peak_rss_mb",
+                  "prefill_p50_ms", "decode_ms_per_token_p50", "decode_tokens_per_s"):
             if k in r:
                 a.metrics[k] = r[k]
         if "partition" in r:
             a.metrics["ep_coverage"] = r["partition"]["coverage"]
-        if "error" not in fp32:
+        if "decode_tokens_per_s" in r:  # causal LM: generation speed is what a user waits on
+            a.metrics["speedup_vs_fp32"] = round(r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 3)
+            a.metrics["prefill_speedup_vs_fp32"] = round(fp32["prefill_p50_ms"] / r["prefill_p50_ms"], 3)
+        else:
             a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
     return StageResult(
         settings={"batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"], "threads": threads,
+                  **({"new_tokens": cfg["new_tokens"], "speedup": "decode tokens/s vs fp32 (prefill: "
+                      "prefill_speedup_vs_fp32)"} if cfg.get("new_tokens") else {}),
                   "warmup": cfg["warmup"], "runs": cfg["runs"],
                   "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
                             "load time and peak RSS: a fresh process per artifact",

@@ -28,6 +28,9 @@ DEFAULT_TEXT_SAMPLES = 120  # unlabelled evaluation text read when --eval-sample
 def run(ctx: BuildContext) -> StageResult:
     import onnxruntime as ort
 
+    if ctx.config.get("family") == "causal-lm":
+        return _causal_lm(ctx)
+
     samples, removed, evalset = _eval_samples(ctx)
     classifier = ctx.facts.get("task") == "text-classification"
     outputs: dict[str, tuple[list, np.ndarray]] = {}
@@ -106,3 +109,41 @@ def eval_count(samples: int | None, path: Path) -> int | None:
     if samples is not None:
         return samples
     return None if path.suffix.lower() in {".jsonl", ".ndjson"} else DEFAULT_TEXT_SAMPLES
+
+
+def _causal_lm(ctx: BuildContext) -> StageResult:
+    """Perplexity of every artifact on held-out text (each sample a row of at most --max-length
+    tokens, one call with an empty cache), and agreement with fp32's next-token predictions."""
+    from edgeq.calib import read_eval_set
+    from edgeq.pipeline import causal_lm
+
+    cfg = ctx.config["evaluation"]
+    path = Path(cfg["path"])
+    texts = read_eval_set(path, limit=eval_count(cfg["samples"], path),
+                          text_field=ctx.config["calibration"]["text_field"]).texts
+    rows = causal_lm.token_batches(ctx.facts["tokenizer"], texts, ctx.config["max_length"])
+    if not rows:
+        raise EdgeqError(f"evaluation file {path}: no sample has the 2 tokens a next-token prediction needs")
+    try:
+        results = causal_lm.evaluate({a.name: ctx.path(a.path) for a in ctx.artifacts}, rows, ctx.track)
+    except EdgeqError:
+        raise
+    except Exception as e:  # e.g. a sample longer than the model's positions
+        raise EdgeqError(f"a model fails on evaluation data {path}: {str(e).strip().splitlines()[0][:300]}") from None
+    ref = results["fp32"]["perplexity"]
+    for a in ctx.artifacts:
+        r = results[a.name]
+        a.metrics.update({k: r[k] for k in ("cosine", "cosine_min", "top1_agreement")})
+        a.metrics["eval_samples"] = len(rows)
+        a.metrics["task"] = {"metric": "perplexity", "value": round(r["perplexity"], 4),
+                             "delta_vs_fp32": round(r["perplexity"] - ref, 4),
+                             "relative_vs_fp32": round(r["perplexity"] / ref - 1, 6), "tokens": r["tokens"],
+                             "samples": len(rows)}
+    return StageResult(
+        settings={"data": str(path), "samples": len(rows), "max_length": ctx.config["max_length"],
+                  "reference": "fp32", "task": {"metric": "perplexity", "how": "exp(mean negative log-likelihood "
+                  "of each next token), every sample a separate sequence"},
+                  "agreement": "top-1 next-token agreement and cosine of the logit vectors vs fp32, every position"},
+        metrics={a.name: {"perplexity": results[a.name]["perplexity"], "top1_agreement": a.metrics["top1_agreement"]}
+                 for a in ctx.artifacts},
+    )

@@ -53,7 +53,54 @@ def run(ctx: BuildContext) -> StageResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.model_kind == "onnx":
         return _take_onnx(ctx, out_dir)
+    if ctx.config.get("family") == "causal-lm":
+        return _export_causal_lm(ctx, out_dir)
     return _export_hf(ctx, out_dir)
+
+
+def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
+    """A decoder-only LM (a Hugging Face folder, or a GGUF file converted to one) exported with its
+    key/value cache, then checked against PyTorch: logits on real text, and greedy generation."""
+    from edgeq.calib import default_eval_path, read_texts
+    from edgeq.pipeline import causal_lm
+
+    src = ctx.model_path
+    settings = {"source": str(src), "kind": ctx.model_kind, "task": "text-generation",
+                "exporter": f"optimum.exporters.onnx.main_export (task {causal_lm.EXPORT_TASK})"}
+    metrics: dict = {}
+    if ctx.model_kind == "gguf":
+        cache = Path(ctx.config["out"]) / ctx.model_name / ".cache" / "hf-from-gguf"
+        model_dir, digest = causal_lm.hf_dir_from_gguf(src, cache, ctx.log)
+        settings["converted_from_gguf"] = str(model_dir)
+        metrics["gguf_sha256"] = digest
+    else:
+        model_dir = src
+        metrics["weights_sha256"] = _weights_sha256(model_dir)
+    ctx.facts["hf_config"] = read_hf_config(model_dir)
+    ctx.facts["task"] = "text-generation"
+    _save_tokenizer(ctx, Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else model_dir, required=True)
+    try:
+        with _quiet_libraries():
+            causal_lm.export(model_dir, out_dir, ctx.target.opset)
+    except Exception as e:
+        raise EdgeqError(f"cannot export {src.name}: {type(e).__name__}: {_first_line(e)}") from None
+    for f in ("config.json", "generation_config.json"):
+        if (model_dir / f).is_file():
+            shutil.copyfile(model_dir / f, ctx.path(f))
+    with _quiet_libraries():
+        check = causal_lm.validate(model_dir, out_dir / "model.onnx", ctx.facts["tokenizer"],
+                                   read_texts(default_eval_path(), limit=4, what="evaluation"))
+    atol = float(ctx.config.get("export_atol", 1e-3)) * 10  # logits of a 50k vocabulary, not hidden states
+    if check["max_abs_diff"] > atol:
+        raise EdgeqError(f"export validation failed: ONNX logits differ from PyTorch by {check['max_abs_diff']:.2e} "
+                         f"(> atol {atol:g})")
+    if not check["greedy_match"]:
+        bad = next(g for g in check["greedy"] if not g["match"])
+        raise EdgeqError(f"export validation failed: greedy generation from {bad['prompt']!r} departs from "
+                         f"PyTorch's after {bad['matching_prefix']} of {bad['tokens']} tokens")
+    return StageResult(settings={**settings, "opset": causal_lm.lm_opset(ctx.target.opset), "atol": atol},
+                       outputs=[Files.EXPORTED, Files.TOKENIZER_DIR, Files.MODEL_CONFIG],
+                       metrics={**check, **metrics})
 
 
 def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:

@@ -47,11 +47,13 @@ class KVModel:
         outs = self.sess.run(self.output_names, feeds)
         return outs[0], dict(zip(self.past_names, outs[1:]))
 
-    def generate(self, ids: np.ndarray, new_tokens: int, eos: int | None = None, on_token=None):
-        """Greedy decoding: the prompt in one prefill call, then one token per call with the cache.
-        Returns (generated ids [batch, n], seconds of prefill, seconds per decode step)."""
+    def generate(self, ids: np.ndarray, new_tokens: int, eos=(), on_token=None):
+        """Greedy decoding: the prompt in one prefill call, then one token per call with the cache,
+        stopping early (batch 1) at a token in `eos`. Returns (generated ids [batch, n], seconds of
+        prefill, seconds per decode step)."""
         import time
 
+        stop = {int(e) for e in eos}
         t0 = time.perf_counter()
         logits, past = self.forward(ids, self.empty_past(ids.shape[0]), 0)
         prefill_s = time.perf_counter() - t0
@@ -63,7 +65,7 @@ class KVModel:
             out.append(token)
             if on_token is not None:
                 on_token(int(token[0]))
-            if eos is not None and ids.shape[0] == 1 and int(token[0]) == eos:
+            if ids.shape[0] == 1 and int(token[0]) in stop:
                 break
             if i == new_tokens - 1:
                 break

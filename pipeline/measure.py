@@ -19,12 +19,19 @@ def run_runner(spec: dict, timeout: float = 900) -> dict:
 
 
 def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,
-            partition: bool = True, runner: Callable[[dict], dict] | None = None) -> list[dict] | str:
+            partition: bool = True, runner: Callable[[dict], dict] | None = None,
+            new_tokens: int | None = None) -> list[dict] | str:
     """Latency of all models interleaved in one process; load time, peak RSS and the provider's
     partition of the graph for each in its own. Returns 'unavailable: <reason>' when the provider
     cannot run here."""
     run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (pipeline/remote.py)
     base = {"inputs": str(inputs), "provider": provider, "threads": threads}
+    if new_tokens:  # causal LM: each run is a generation (prefill + decode steps with the cache)
+        base["new_tokens"] = new_tokens
+        partition = False
+        warmup, light = min(warmup, 1), {"warmup": 1, "runs": 1}
+    else:
+        light = {"warmup": 2, "runs": 3}
     lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
     if "unavailable" in lat:
         return f"unavailable: {lat['unavailable']}"
@@ -33,7 +40,7 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
         if "error" in lat:
             out.append({"error": lat["error"]})
             continue
-        mem = run({**base, "models": [str(m)], "warmup": 2, "runs": 3, "partition": partition})
+        mem = run({**base, "models": [str(m)], **light, "partition": partition})
         r = dict(lat["results"][i])
         if "error" in mem or "unavailable" in mem:
             r["memory_error"] = mem.get("error") or mem.get("unavailable")
@@ -55,6 +62,9 @@ def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.nd
         arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
         return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
     text = " ".join(read_eval_set(eval_path, limit=200, text_field=ctx.config["calibration"]["text_field"]).texts)
+    if ctx.config.get("family") == "causal-lm":  # the prompt: seq_len real tokens; the runner makes the rest
+        ids = ctx.facts["tokenizer"](text, truncation=True, max_length=seq_len, return_tensors="np")["input_ids"]
+        return {"input_ids": np.repeat(ids.astype(np.int64), batch, axis=0)}
     feeds = model_feeds(TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], seq_len)([text], pad_to=seq_len))
     return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
 

@@ -8,10 +8,11 @@ device, so the saved graph stays portable across execution providers.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
-from edgeq.core import Artifact, BuildContext, Files, StageResult
+from edgeq.core import Artifact, BuildContext, Files, StageResult, onnx_files
 
 # Hugging Face model types whose graphs onnxruntime.transformers' "bert" fusions understand.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "albert"}
@@ -45,9 +46,16 @@ def run(ctx: BuildContext) -> StageResult:
     out = ctx.path(Files.FP32)
     before = onnx.load(str(src), load_external_data=False)
     large = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > _LARGE
-    plan = fusion_plan(ctx.facts.get("hf_config") or {})
+    plan = fusion_plan(ctx.facts.get("hf_config") or {}) if ctx.config.get("family") != "causal-lm" else {}
     fused_ops: dict[str, int] = {}
     notes = []
+    if ctx.config.get("family") == "causal-lm":
+        # Weight-only quantizers need neither fusions nor the pre-processing (shape inference) that
+        # static quantization does; the exported graph is the fp32 artifact as it is.
+        for f in onnx_files(src):  # model.onnx and its external data, if any
+            shutil.copyfile(f, out if f == src else out.parent / f.name)
+        return _record(ctx, before, out, {}, {}, "none (weight-only quantization needs no shape inference)",
+                       ["causal LM: the exported graph is kept as is"], large)
     if plan:
         fused_ops = _fuse(src, fused, plan, large)
         if fused_ops is None:
@@ -65,6 +73,13 @@ def run(ctx: BuildContext) -> StageResult:
         quant_pre_process(str(fused), str(out), skip_optimization=True, skip_symbolic_shape=True,
                           save_as_external_data=large)
         shape_inference = "onnx"
+    return _record(ctx, before, out, plan, fused_ops, shape_inference, notes, large)
+
+
+def _record(ctx: BuildContext, before, out: Path, plan: dict, fused_ops: dict, shape_inference: str,
+            notes: list[str], large: bool) -> StageResult:
+    import onnx
+
     after = onnx.load(str(out), load_external_data=False)
     ctx.facts["input_names"] = [i.name for i in after.graph.input]
     ctx.facts["input_specs"] = {

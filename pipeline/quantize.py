@@ -42,7 +42,29 @@ def run(ctx: BuildContext) -> StageResult:
         s, m = _dynamic(ctx)
         settings["dynamic"], metrics["dynamic"] = s, m
         outputs.append(Files.model("int8-dynamic"))
+    if "int4" in modes:
+        s, m = _int4(ctx)
+        settings["int4"], metrics["int4"] = s, m
+        outputs.append(Files.model("int4"))
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
+
+
+def _int4(ctx: BuildContext) -> tuple[dict, dict]:
+    from edgeq.pipeline.causal_lm import quantize_int4
+
+    cfg = ctx.config["int4"]
+    out = ctx.path(Files.model("int4"))
+    counts = quantize_int4(ctx.path(Files.FP32), out, cfg["block_size"], cfg["symmetric"], cfg["accuracy_level"],
+                           embeddings=cfg["embeddings"])
+    if not counts["MatMulNBits"]:
+        raise EdgeqError("int4: the model has no MatMul with a constant weight to quantize")
+    _check(out)
+    settings = {"bits": 4, **cfg, "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                "weights": "MatMul weights blocked along the input axis"
+                           + ("; token embeddings blocked along the hidden axis" if cfg["embeddings"] else "")}
+    ctx.artifacts.append(Artifact(name="int4", path=Files.model("int4"), precision="int4",
+                                  recipe={"mode": "int4", **settings}))
+    return settings, {**counts, "size_bytes": model_size_bytes(out)}
 
 
 def _static(ctx: BuildContext) -> tuple[dict, dict]:

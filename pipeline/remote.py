@@ -362,8 +362,9 @@ def bench(build_dir: Path, target: SshTarget, python: str = "python3", runs: int
 
         # Same layout as the build directory, so external data paths stay valid.
         by_dir: dict[str, list[Path]] = {}
-        for p in [*files, inputs, RUNNER]:
-            rel = p.relative_to(build_dir).parent.as_posix() if p != RUNNER else "."
+        runtime = RUNNER.with_name("lm_runtime.py")  # bench_runner imports it for causal LMs
+        for p in [*files, inputs, RUNNER, runtime]:
+            rel = p.relative_to(build_dir).parent.as_posix() if p not in (RUNNER, runtime) else "."
             by_dir.setdefault(rel, []).append(p)
         subdirs = sorted(d for d in by_dir if d != ".")
         if subdirs:

@@ -69,3 +69,30 @@ def tiny_build(tiny_bert, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_cls_build(tiny_classifier, tmp_path_factory) -> dict:
     return run_build(tiny_classifier, tmp_path_factory.mktemp("outcls"), target="arm64")
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama (the SmolLM2 architecture: grouped-query attention, tied embeddings) with
+    a word-level tokenizer over the bundled text."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["<unk>", "<s>", "</s>"] + _vocab_from_calibration()[5:]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.save_pretrained(str(path))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")

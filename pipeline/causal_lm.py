@@ -1,0 +1,267 @@
+"""Decoder-only language models (Llama, SmolLM2, GPT-2 style): loading GGUF checkpoints, export with
+the key/value cache, the checks against PyTorch, block-wise int4, perplexity.
+
+Not a stage: the export, quantize, evaluate and benchmark stages call into it when the build's
+model family is "causal-lm".
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.core import EdgeqError, sha256_file
+
+EXPORT_TASK = "text-generation-with-past"
+GREEDY_TOKENS = 16
+GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):")
+
+
+def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
+    """A Hugging Face folder (fp32 safetensors, config, tokenizer) converted from a GGUF file, cached
+    under `cache_root/<sha256 prefix>` because the conversion takes ~30 s and the export reads it.
+
+    Why not `from_pretrained(gguf_file=...)` alone: in transformers 4.57 it requires `accelerate`
+    for GGUF (a dependency we don't otherwise need); the same conversion is done here with
+    transformers' own `load_gguf_checkpoint` into a model built from the GGUF's config."""
+    digest = sha256_file(gguf)
+    out = cache_root / digest[:32]
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out, digest
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    log(f"  converting {gguf.name} to a Hugging Face folder (cached for later builds)")
+    d, f = str(gguf.parent), gguf.name
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tqdm bar per conversion; the stage logs its own progress
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(d, gguf_file=f)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, _ = model.load_state_dict(state, strict=False)
+    except Exception as e:  # a damaged or unsupported GGUF: the user's file
+        raise EdgeqError(f"cannot load {gguf.name} as a causal language model: {type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+    model.tie_weights()
+    missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
+    if missing:
+        raise EdgeqError(f"{gguf.name}: weights missing after conversion: {', '.join(missing[:5])}")
+    tmp = cache_root / f".tmp-{digest[:16]}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out, digest
+
+
+def export(model_dir: Path, out_dir: Path, opset: int) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(model_dir), output=str(out_dir), task=EXPORT_TASK, opset=lm_opset(opset),
+                library_name="transformers", do_validation=False, local_files_only=True,
+                trust_remote_code=False, device="cpu")
+
+
+def lm_opset(target_opset: int) -> int:
+    """optimum's decoder exports want opset 18 or later (earlier ones export, with a warning that
+    the graph may be suboptimal); ONNX Runtime 1.16+ (mobile included) runs 18."""
+    return max(target_opset, 18)
+
+
+def session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str]) -> dict:
+    """Prefill logits of ONNX vs PyTorch on real text, and the greedy check: the ONNX model decoding
+    with its key/value cache must produce PyTorch's first GREEDY_TOKENS tokens for each prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
+                                                 trust_remote_code=False, dtype=torch.float32).eval()
+    lm = KVModel(session(onnx_path))
+    worst = 0.0
+    for t in texts:
+        ids = tokenizer(t, return_tensors="np", truncation=True, max_length=64)["input_ids"].astype(np.int64)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids)).logits.numpy()
+        got, _ = lm.forward(ids, lm.empty_past(1), 0)
+        worst = max(worst, float(np.abs(ref - got).max()))
+    greedy = []
+    for p in GREEDY_PROMPTS:
+        ids = tokenizer(p, return_tensors="np")["input_ids"].astype(np.int64)
+        with torch.no_grad():
+            ref = model.generate(torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                                 do_sample=False, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+                                 pad_token_id=tokenizer.pad_token_id or 0)[0, ids.shape[1]:].tolist()
+        got = lm.generate(ids, GREEDY_TOKENS)[0][0].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
+        greedy.append({"prompt": p, "tokens": len(ref), "matching_prefix": same, "match": got == ref,
+                       "onnx": tokenizer.decode(got), "pytorch": tokenizer.decode(ref)})
+    return {"validation_samples": len(texts), "max_abs_diff": worst, "greedy": greedy,
+            "greedy_match": all(g["match"] for g in greedy)}
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool, accuracy_level: int,
+                  embeddings: bool = True) -> dict:
+    """Block-wise 4-bit weight-only quantization with onnxruntime's MatMulNBitsQuantizer: every
+    MatMul with a constant weight becomes MatMulNBits (int4 blocks of `block_size` along the input
+    axis, one scale per block); `accuracy_level` 4 lets the CPU kernel compute with int8 activations
+    (the fast path). With `embeddings`, the token-embedding Gather becomes GatherBlockQuantized
+    (quantized along the hidden axis), which halves the size again: the vocabulary-sized table is
+    the largest tensor of a small LM."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # it warns that it raises the opset to 21 and the IR version to 10 (int4 types need them): expected
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    kw = {}
+    if embeddings:
+        kw = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))}
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level, **kw)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    g = onnx.load(str(dst), load_external_data=False).graph
+    return {"MatMulNBits": sum(n.op_type == "MatMulNBits" for n in g.node),
+            "GatherBlockQuantized": sum(n.op_type == "GatherBlockQuantized" for n in g.node),
+            "MatMul_left_float": sum(n.op_type == "MatMul" for n in g.node)}
+
+
+def token_batches(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
+    """Each text as one row of at most `max_length` tokens (texts under 2 tokens carry no
+    prediction and are skipped)."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, truncation=True, max_length=max_length, return_tensors="np")["input_ids"].astype(np.int64)
+        if ids.shape[1] >= 2:
+            out.append(ids)
+    return out
+
+
+def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, n, label: x) -> dict[str, dict]:
+    """Perplexity of every model on the token rows, and its agreement with fp32's next-token
+    predictions: top-1 agreement and the cosine of the logit vectors, over every position."""
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    ref_top, ref_logits = [], []
+    out = {}
+    for name in ["fp32"] + [n for n in paths if n != "fp32"]:
+        lm = KVModel(session(paths[name]))
+        nll, tokens, agree, cos = 0.0, 0, 0, []
+        for k, ids in enumerate(track(batches, len(batches), f"evaluate {name}")):
+            logits, _ = lm.forward(ids, lm.empty_past(1), 0)
+            logits = logits[0].astype(np.float64)
+            z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(z)), ids[0, 1:]].sum())
+            tokens += len(z)
+            top = logits.argmax(-1)
+            if name == "fp32":
+                ref_top.append(top)
+                ref_logits.append(logits.astype(np.float32))
+            else:
+                agree += int((top == ref_top[k]).sum())
+                r = ref_logits[k]
+                cos.append((r * logits).sum(-1) / np.maximum(np.linalg.norm(r, axis=-1) * np.linalg.norm(logits, axis=-1), 1e-12))
+        positions = sum(len(t) for t in ref_top)
+        out[name] = {"perplexity": float(np.exp(nll / tokens)), "tokens": tokens,
+                     "top1_agreement": 1.0 if name == "fp32" else agree / positions,
+                     "cosine": 1.0 if name == "fp32" else float(np.concatenate(cos).mean()),
+                     "cosine_min": 1.0 if name == "fp32" else float(np.concatenate(cos).min())}
+    return out
+
+
+def generate_text(build_dir: Path, prompt: str, artifact: str | None, max_new_tokens: int, chat: bool,
+                  threads: int, write) -> dict:
+    """`edgeq generate`: greedy decoding with one of a build's artifacts, the text written as it
+    comes (`write(str)`), decoded incrementally so multi-byte characters split over tokens print whole."""
+    from transformers import AutoTokenizer
+
+    from edgeq.core import load_manifest
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    manifest = load_manifest(build_dir)
+    if (manifest.get("config") or {}).get("family") != "causal-lm":
+        raise EdgeqError(f"{build_dir} is not a causal language model build (edgeq generate needs one)")
+    arts = {a["name"]: a for a in manifest["artifacts"]}
+    name = artifact or next(n for n in ("int4", "int8-dynamic", "fp32") if n in arts)
+    if name not in arts:
+        raise EdgeqError(f"no artifact '{name}' in {build_dir} (it has: {', '.join(arts)})")
+    tok_dir = build_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        raise EdgeqError(f"{build_dir} has no tokenizer/ folder")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, trust_remote_code=False)
+    text = prompt
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise EdgeqError("--chat: the tokenizer has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, return_tensors="np", add_special_tokens=not chat)["input_ids"].astype(np.int64)
+    if ids.shape[1] == 0:
+        raise EdgeqError("the prompt is empty after tokenization")
+    eos = _eos_ids(build_dir, tok)
+    lm = KVModel(session(build_dir / arts[name]["path"], threads))
+    generated: list[int] = []
+    shown = ""
+
+    def on_token(t: int) -> None:
+        nonlocal shown
+        if t in eos:
+            return
+        generated.append(t)
+        full = tok.decode(generated, skip_special_tokens=True)
+        if not full.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+            write(full[len(shown):])
+            shown = full
+
+    _, prefill_s, steps = lm.generate(ids, max_new_tokens, eos=eos, on_token=on_token)
+    step_ms = float(np.median(steps)) * 1000 if steps else float("nan")
+    return {"artifact": name, "prompt_tokens": int(ids.shape[1]), "new_tokens": len(generated),
+            "prefill_ms": prefill_s * 1000, "decode_tokens_per_s": 1000 / step_ms if steps else float("nan")}
+
+
+def _eos_ids(build_dir: Path, tok) -> set[int]:
+    import json
+
+    ids = set()
+    gen = build_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(e) if isinstance(e, list) else {e} if isinstance(e, int) else set()
+        except (ValueError, AttributeError):
+            pass
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids

@@ -1,0 +1,152 @@
+"""Causal language models: export with the key/value cache, int8 and block-wise int4, perplexity,
+generation speed, `edgeq generate` (on a tiny random Llama; the real SmolLM2 in test_e2e_smollm2)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import run_build
+from edgeq.core import EdgeqError
+
+
+@pytest.fixture(scope="module")
+def llama_build(tiny_llama, tmp_path_factory):
+    return run_build(tiny_llama, tmp_path_factory.mktemp("lmout"), runs=2, block_size=16)
+
+
+def _dir(m):
+    from pathlib import Path
+
+    return Path(m["build_dir"])
+
+
+def test_decoder_is_exported_with_its_cache_and_checked_against_pytorch(llama_build):
+    export = next(s for s in llama_build["stages"] if s["stage"] == "export")
+    assert export["metrics"]["greedy_match"] is True
+    assert all(g["match"] and g["matching_prefix"] == g["tokens"] == 16 for g in export["metrics"]["greedy"])
+    assert export["metrics"]["max_abs_diff"] < 1e-3
+    inputs = {i.name for i in onnx.load(str(_dir(llama_build) / "model.fp32.onnx"), load_external_data=False).graph.input}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= inputs
+    assert llama_build["config"]["family"] == "causal-lm" and llama_build["config"]["modes"] == ["dynamic", "int4"]
+
+
+def test_kv_cache_decoding_equals_recomputing_the_whole_sequence(llama_build):
+    """The cache path (one token per call) must give the logits a full forward pass gives."""
+    from edgeq.pipeline.causal_lm import session
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    lm = KVModel(session(_dir(llama_build) / "model.fp32.onnx"))
+    ids = np.array([[5, 17, 42, 8, 99, 3, 12]], dtype=np.int64)
+    full, _ = lm.forward(ids, lm.empty_past(1), 0)
+    logits, past = lm.forward(ids[:, :3], lm.empty_past(1), 0)
+    steps = [logits[:, -1]]
+    for t in range(3, ids.shape[1]):
+        logits, past = lm.forward(ids[:, t:t + 1], past, t)
+        steps.append(logits[:, -1])
+    np.testing.assert_allclose(np.stack(steps, 1)[0], full[0, 2:], atol=1e-4)
+    assert past["past_key_values.0.key"].shape[2] == ids.shape[1]
+
+
+def test_int4_is_block_wise_with_quantized_embeddings(llama_build):
+    g = onnx.load(str(_dir(llama_build) / "model.int4.onnx")).graph
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    assert any(n.op_type == "GatherBlockQuantized" for n in g.node)
+    # every weight MatMul went to int4: the only MatMuls left multiply activations (attention)
+    inits = {i.name for i in g.initializer}
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
+    arts = {a["name"]: a for a in llama_build["artifacts"]}
+    assert arts["int4"]["metrics"]["size_vs_fp32"] < arts["int8-dynamic"]["metrics"]["size_vs_fp32"] < 1
+
+
+def test_perplexity_and_generation_speed_are_recorded(llama_build):
+    arts = {a["name"]: a["metrics"] for a in llama_build["artifacts"]}
+    for name, m in arts.items():
+        assert m["task"]["metric"] == "perplexity" and m["task"]["value"] > 1
+        assert m["decode_tokens_per_s"] > 0 and m["prefill_p50_ms"] > 0
+        assert m["speedup_vs_fp32"] == pytest.approx(m["decode_tokens_per_s"] / arts["fp32"]["decode_tokens_per_s"],
+                                                     rel=1e-2)
+    assert arts["fp32"]["task"]["delta_vs_fp32"] == 0 and arts["fp32"]["top1_agreement"] == 1.0
+    # a random model is near-uniform: perplexity close to the vocabulary size, int8 very close to fp32
+    assert abs(arts["int8-dynamic"]["task"]["relative_vs_fp32"]) < 0.05
+
+
+def test_perplexity_matches_a_direct_computation(llama_build, tiny_llama):
+    """The recorded fp32 perplexity is exp(mean NLL) of PyTorch's model on the same token rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeq.calib import default_eval_path, read_texts
+
+    cfg = llama_build["config"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    nll, n = 0.0, 0
+    for t in read_texts(default_eval_path(), limit=cfg["evaluation"]["samples"] or 120):
+        ids = tok(t, return_tensors="pt", truncation=True, max_length=cfg["max_length"]).input_ids
+        if ids.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        nll -= float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
+        n += ids.shape[1] - 1
+    fp32 = next(a for a in llama_build["artifacts"] if a["name"] == "fp32")
+    assert fp32["metrics"]["task"]["value"] == pytest.approx(np.exp(nll / n), rel=1e-3)
+
+
+def test_generate_command_streams_greedy_text(llama_build):
+    from transformers import AutoTokenizer
+
+    from edgeq.cli import cli
+    from edgeq.pipeline.causal_lm import session
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    d = _dir(llama_build)
+    r = CliRunner().invoke(cli, ["generate", str(d), "the model is", "-n", "8", "-a", "fp32"])
+    assert r.exit_code == 0, r.output
+    tok = AutoTokenizer.from_pretrained(str(d / "tokenizer"))
+    ids = tok("the model is", return_tensors="np")["input_ids"].astype(np.int64)
+    out = KVModel(session(d / "model.fp32.onnx")).generate(ids, 8, eos={tok.eos_token_id})[0][0].tolist()
+    expect = tok.decode([t for t in out if t != tok.eos_token_id], skip_special_tokens=True)
+    assert r.stdout.strip() == expect.strip()
+    assert "tokens/s" in r.stderr
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "edgeq", "generate", str(d), "hi", "-a", "int2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"edgeq: error: no artifact 'int2' in {d} (it has: fp32, int8-dynamic, int4)"]
+
+
+def test_language_model_user_errors(tiny_llama, tmp_path):
+    from edgeq.build import resolve_config
+
+    with pytest.raises(EdgeqError, match="mode static is not built for causal language models"):
+        resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("static",))
+    with pytest.raises(EdgeqError, match="--block-size must be one of"):
+        resolve_config(model=str(tiny_llama), out=str(tmp_path), block_size=48)
+    with pytest.raises(EdgeqError, match="mode hybrid is not built"):
+        resolve_config(model=str(tiny_llama), out=str(tmp_path), max_accuracy_drop=0.01)
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    cfg = resolve_config(model=str(bad), out=str(tmp_path / "o"))
+    assert cfg["family"] == "causal-lm" and cfg["model_kind"] == "gguf"
+    from edgeq.build import build
+    with pytest.raises(EdgeqError, match="cannot load broken.gguf as a causal language model"):
+        build(cfg, log=lambda m: None)
+    assert not any((tmp_path / "o").rglob("manifest.json"))
+
+
+def test_manifest_records_the_int4_recipe(llama_build):
+    q = next(s for s in llama_build["stages"] if s["stage"] == "quantize")
+    assert q["settings"]["int4"]["block_size"] == 16 and q["settings"]["int4"]["accuracy_level"] == 4
+    assert q["metrics"]["int4"]["MatMulNBits"] >= 14  # 2 layers x 7 projections + lm_head
+    on_disk = json.loads((_dir(llama_build) / "manifest.json").read_text())
+    assert on_disk["artifacts"][2]["recipe"]["mode"] == "int4"
