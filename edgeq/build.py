@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import platform
 import shutil
 import sys
@@ -73,21 +74,36 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
                    percentile: float = 99.999, fp16_io: bool = False,
                    max_accuracy_drop: float | None = None, budget_metric: str = "cosine",
-                   block_size: int = 32, accuracy_level: int = 4, new_tokens: int = 32) -> dict[str, Any]:
+                   block_size: int = 32, accuracy_level: int = 4, new_tokens: int = 32,
+                   input_shape: tuple[int, ...] | None = None, preprocess: str | None = None) -> dict[str, Any]:
     """Validate every user input before anything is written; return the fully resolved config."""
     from edgeq import targets
     from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_eval_set, read_texts
 
     if model is None:
         model_path, name = default_model_dir(), name or DEFAULT_MODEL_NAME
+        kind = _model_kind(model_path)
+    elif MODULE_RE.fullmatch(model) and not Path(model).exists():
+        kind, model_path = "module", _check_factory(model)
+        name = name or model.rsplit(":", 1)[1].rsplit(".", 1)[-1]
     else:
         model_path = Path(model).expanduser().resolve()
-    kind = _model_kind(model_path)
+        kind = _model_kind(model_path)
     tname = target or host_target()
     if tname.endswith(".toml"):
         tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
-    family = _family(model_path, kind)
+    family = "vision" if kind == "module" else _family(model_path, kind)
+    if family == "vision":
+        from edgeq.calib.images import parse_preprocess
+
+        preprocess_given = parse_preprocess(preprocess)
+        if input_shape is not None and (len(input_shape) != 4 or min(input_shape) < 1):
+            raise EdgeqError(f"--input-shape must be 4 positive sizes (batch, channels, height, width), got {input_shape}")
+        if calib is None:
+            raise EdgeqError("an image model needs calibration photos: --calib FOLDER (python -m edgeq.calib.images "
+                             "DIR copies the photos that ship with scikit-image)")
+        modes = tuple(modes) or ("static",)
     if runs is None:
         runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
     if family == "causal-lm":
@@ -115,8 +131,15 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
     calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()
     eval_file = Path(eval_path).expanduser().resolve() if eval_path else default_eval_path()
+    if family == "vision":
+        from edgeq.calib.images import image_files
+
+        eval_file = Path(eval_path).expanduser().resolve() if eval_path else calib_file
+        for f, what in ((calib_file, "calibration"), (eval_file, "evaluation")):
+            image_files(f, what)  # a folder with images, or a user error now
+    for f, what, n in () if family == "vision" else ((calib_file, "calibration", calib_samples),
+                                                      (eval_file, "evaluation", eval_samples)):
     # Read the data now (text is cheap to read) so a bad file fails before anything is written.
-    for f, what, n in ((calib_file, "calibration", calib_samples), (eval_file, "evaluation", eval_samples)):
         check_readable(f, what)
         data_format(f, what)
         if f.suffix.lower() == ".npz":
@@ -173,6 +196,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         "evaluation": {"path": str(eval_file), "samples": eval_samples},
         "benchmark": {"batch_size": batch_size, "seq_len": seq_len, "runs": runs, "warmup": warmup,
                       "threads": threads, **({"new_tokens": new_tokens} if family == "causal-lm" else {})},
+        **({"vision": {"input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess_given,
+                       "eval_is_calibration_folder": eval_file == calib_file}} if family == "vision" else {}),
         **({"int4": {"block_size": block_size, "symmetric": True, "accuracy_level": accuracy_level,
                      "embeddings": True}} if "int4" in modes else {}),
         "out": str(out_dir),
@@ -193,6 +218,22 @@ def data_format(path: Path, what: str) -> str:
 
 
 LM_MODES = ("dynamic", "int4")
+MODULE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _check_factory(spec: str) -> str:
+    """`package.module:factory` must name an importable module (found without running it: the
+    factory runs in the export stage)."""
+    import importlib.util
+
+    module = spec.split(":", 1)[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise EdgeqError(f"model factory {spec}: module '{module}' not found (is its package installed?)")
+    return spec
 _DECODER_ARCH = ("ForCausalLM", "LMHeadModel")
 
 

@@ -60,17 +60,22 @@ def cli(ctx: click.Context) -> None:
               help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input).")
 @click.option("--new-tokens", type=int, default=32, show_default=True,
               help="Causal LM benchmark: tokens generated after the --seq-len prompt.")
+@click.option("--input-shape", help="Image model from a factory: input size as N,C,H,W (default: the factory's "
+                                    "edgeq_input_shape).")
+@click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
+                                   "factory's edgeq_preprocess, else ImageNet's).")
 @click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
               help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
                    "(accuracy, Spearman), as an absolute drop.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
 def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
           text_field, task, tokenizer, name, out, runs, threads, seq_len, max_length, batch_size, fp16_io, max_accuracy_drop,
-          block_size, accuracy_level, new_tokens, budget_metric, as_json) -> None:
+          block_size, accuracy_level, new_tokens, input_shape, preprocess, budget_metric, as_json) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
-    MODEL is a Hugging Face model directory, an .onnx file or a causal LM's .gguf file; without it,
-    the embedded default model (all-MiniLM-L6-v2) is built.
+    MODEL is a Hugging Face model directory, an .onnx file, a causal LM's .gguf file, or
+    package.module:factory (a function returning a PyTorch image model, e.g.
+    edgeq.zoo:efficientnet_lite0); without it, the embedded default model (all-MiniLM-L6-v2) is built.
     """
     from edgeq.build import build as run_build, json_summary, resolve_config, summary_table
 
@@ -79,7 +84,8 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
                             text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
                             threads=threads, seq_len=seq_len, max_length=max_length, batch_size=batch_size, percentile=percentile,
                             fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric,
-                            block_size=block_size, accuracy_level=accuracy_level, new_tokens=new_tokens)
+                            block_size=block_size, accuracy_level=accuracy_level, new_tokens=new_tokens,
+                            input_shape=_shape(input_shape), preprocess=preprocess)
     if as_json:
         with stdout_to_stderr() as real_stdout:
             manifest = run_build(config)
@@ -90,6 +96,15 @@ def build(model, target, modes, calib, eval_path, calib_method, calib_samples, e
     manifest = run_build(config)
     click.echo(summary_table(manifest))
     click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise EdgeqError(f"--input-shape must be integers like 1,3,224,224, got {text!r}") from None
 
 
 @cli.command("targets")

@@ -32,7 +32,7 @@ def run(ctx: BuildContext) -> StageResult:
         return _causal_lm(ctx)
 
     samples, removed, evalset = _eval_samples(ctx)
-    classifier = ctx.facts.get("task") == "text-classification"
+    classifier = ctx.facts.get("task") in ("text-classification", "image-classification")
     outputs: dict[str, tuple[list, np.ndarray]] = {}
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures are raised with their message below
@@ -63,9 +63,13 @@ def run(ctx: BuildContext) -> StageResult:
     return StageResult(
         settings={"data": ctx.config["evaluation"]["path"], "samples": len(samples), "batch_size": 1,
                   "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
+                  **({"views": "12 per photo (scales 0.875-1.75 of the resize, shifted crops, mirrors); calibration "
+                              "used 8 other views" + (" of the same photos" if ctx.config["vision"]["eval_is_calibration_folder"]
+                                                      else "")} if ctx.config.get("family") == "vision" else {}),
                   **({"task": task_settings} if task_settings else {})},
         metrics={"overlap_with_calibration_removed": removed,
-                 **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement", "task")
+                 **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement",
+                                                       "top5_overlap", "task")
                              if k in a.metrics} for a in ctx.artifacts}},
     )
 
@@ -75,6 +79,16 @@ def _eval_samples(ctx: BuildContext):
 
     cfg = ctx.config["evaluation"]
     path = Path(cfg["path"])
+    if ctx.config.get("family") == "vision":
+        from edgeq.calib import EvalSet
+        from edgeq.calib.images import EVAL_VIEWS, image_arrays
+
+        arrays, labels, names = image_arrays(path, ctx.facts["preprocess"], ctx.facts["input_names"][0],
+                                             cfg["samples"], EVAL_VIEWS, "evaluation")
+        x = next(iter(arrays.values()))
+        samples = [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in range(len(x))]
+        labelled = all(lb is not None for lb in labels) and len(set(labels)) >= 2
+        return samples, 0, EvalSet("classification", names, labels=labels) if labelled else None
     if path.suffix.lower() == ".npz":
         from edgeq.calib import npz_calibration_share
 

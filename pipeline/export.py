@@ -55,7 +55,78 @@ def run(ctx: BuildContext) -> StageResult:
         return _take_onnx(ctx, out_dir)
     if ctx.config.get("family") == "causal-lm":
         return _export_causal_lm(ctx, out_dir)
+    if ctx.model_kind == "module":
+        return _export_module(ctx, out_dir)
     return _export_hf(ctx, out_dir)
+
+
+def _export_module(ctx: BuildContext, out_dir: Path) -> StageResult:
+    """`package.module:factory` -> an nn.Module -> torch.onnx.export (the TorchScript exporter:
+    for the CNNs here it gives the plain Conv/Clip graph, with batch norm folded), checked against
+    PyTorch on real photos of the calibration folder."""
+    import importlib
+
+    import onnxruntime as ort
+    import torch
+
+    from edgeq.calib.images import CALIB_VIEWS, image_arrays, resolve_preprocess
+
+    spec = str(ctx.config["model"])
+    module_name, attr = spec.split(":", 1)
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except Exception as e:  # the user's module: whatever it raises on import
+        raise EdgeqError(f"cannot import {spec}: {type(e).__name__}: {_first_line(e)}") from None
+    if not callable(factory):
+        raise EdgeqError(f"{spec} is not callable (expected a function returning a torch.nn.Module)")
+    try:
+        model = factory()
+    except Exception as e:
+        raise EdgeqError(f"{spec}() failed: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise EdgeqError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    model.eval()
+    vcfg = ctx.config["vision"]
+    shape = vcfg["input_shape"] or getattr(factory, "edgeq_input_shape", None) or getattr(model, "edgeq_input_shape", None)
+    if not shape:
+        raise EdgeqError(f"{spec}: no input shape: pass --input-shape N,C,H,W (or give the factory an "
+                         "edgeq_input_shape attribute)")
+    declared = getattr(factory, "edgeq_preprocess", None) or getattr(model, "edgeq_preprocess", None) or {}
+    pre = resolve_preprocess({**declared, **vcfg["preprocess"]}, list(shape))
+    ctx.facts.update(task="image-classification", hf_config={}, tokenizer=None, preprocess=pre)
+    arrays, _, _ = image_arrays(Path(ctx.config["calibration"]["path"]), pre, "input", 4, CALIB_VIEWS, "calibration")
+    x = arrays["input"]
+    opset = ctx.target.opset
+    path = out_dir / "model.onnx"
+    try:
+        with _quiet_libraries(), torch.no_grad():
+            torch.onnx.export(model, torch.from_numpy(x[:1]), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"], do_constant_folding=True,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as e:
+        raise EdgeqError(f"cannot export {spec}: {type(e).__name__}: {_first_line(e)}") from None
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    if isinstance(ref, (tuple, list)):
+        ref = ref[0]
+    ref = ref.numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    diff = float(np.abs(ref - got).max())
+    atol = float(ctx.config.get("export_atol", 1e-3))
+    if diff > atol:
+        raise EdgeqError(f"export validation failed: ONNX differs from PyTorch by {diff:.2e} (> atol {atol:g})")
+    (ctx.path("preprocess.json")).write_text(__import__("json").dumps(pre, indent=2) + "\n")
+    params = sum(p.numel() for p in model.parameters())
+    return StageResult(
+        settings={"source": spec, "kind": "module", "task": "image-classification", "opset": opset,
+                  "exporter": "torch.onnx.export (TorchScript)", "input_shape": list(shape), "atol": atol,
+                  "preprocess": pre},
+        outputs=[Files.EXPORTED, "preprocess.json"],
+        metrics={"validation_samples": int(x.shape[0]), "max_abs_diff": diff, "parameters": int(params),
+                 "top1_match": bool((ref.argmax(1) == got.argmax(1)).all())},
+    )
 
 
 def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:

@@ -58,6 +58,12 @@ def bench_inputs(ctx: BuildContext, batch: int, seq_len: int) -> dict[str, np.nd
     from edgeq.calib import TextFeeds, model_feeds, read_eval_set, read_npz
 
     eval_path = Path(ctx.config["evaluation"]["path"])
+    if ctx.config.get("family") == "vision":
+        from edgeq.calib.images import EVAL_VIEWS, image_arrays
+
+        arrays, _, _ = image_arrays(eval_path, ctx.facts["preprocess"], ctx.facts["input_names"][0], 1, EVAL_VIEWS,
+                                    "evaluation")
+        return {k: np.repeat(v, batch, axis=0) for k, v in arrays.items()}
     if eval_path.suffix.lower() == ".npz":
         arrays = read_npz(eval_path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
         return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}

@@ -24,6 +24,9 @@ def fidelity(ref: list[np.ndarray], got: list[np.ndarray], ref_pool: np.ndarray,
            "mean_abs_err": float(err.mean()), "eval_samples": len(ref)}
     if classifier:
         out["top1_agreement"] = float((ref_pool.argmax(1) == got_pool.argmax(1)).mean())
+        if ref_pool.shape[1] >= 5:  # share of fp32's top five classes that are also in the artifact's
+            r5, g5 = np.argsort(-ref_pool, 1)[:, :5], np.argsort(-got_pool, 1)[:, :5]
+            out["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(r5, g5)]))
     return out
 
 
@@ -123,7 +126,7 @@ def task_metric(evalset, pooled_by_artifact: dict[str, np.ndarray], task: str | 
         return ({k: spearman(pair_cosines(e, evalset.pairs), gold) for k, e in pooled_by_artifact.items()},
                 {"metric": "spearman", "how": "Spearman correlation of cosine(embedding1, embedding2) "
                                               "with the gold scores", "pairs": len(evalset.pairs)})
-    if task == "text-classification":
+    if task in ("text-classification", "image-classification"):
         label2id = class_index(hf_config, ref.shape[1])
         unknown = sorted({str(v) for v in evalset.labels} - set(label2id))
         if unknown:

@@ -46,7 +46,7 @@ def run(ctx: BuildContext) -> StageResult:
     out = ctx.path(Files.FP32)
     before = onnx.load(str(src), load_external_data=False)
     large = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > _LARGE
-    plan = fusion_plan(ctx.facts.get("hf_config") or {}) if ctx.config.get("family") != "causal-lm" else {}
+    plan = fusion_plan(ctx.facts.get("hf_config") or {}) if ctx.config.get("family") not in ("causal-lm", "vision") else {}
     fused_ops: dict[str, int] = {}
     notes = []
     if ctx.config.get("family") == "causal-lm":
@@ -63,7 +63,9 @@ def run(ctx: BuildContext) -> StageResult:
             fused_ops = {}
             fused = src
     else:
-        notes.append(f"no onnxruntime.transformers fusions for model type {ctx.facts['hf_config'].get('model_type')!r}")
+        notes.append("no onnxruntime.transformers fusions for " + (
+            "an image model" if ctx.config.get("family") == "vision"
+            else f"model type {ctx.facts['hf_config'].get('model_type')!r}"))
         fused = src
     try:
         quant_pre_process(str(fused), str(out), skip_optimization=True, save_as_external_data=large)

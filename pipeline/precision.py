@@ -80,7 +80,7 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     from edgeq.pipeline.measure import ensure_bench_inputs, run_runner
 
     budget = ctx.config["max_accuracy_drop"]
-    r = ctx.target.static
+    r = ctx.target.static_for(ctx.config.get("family"))
     op_types = set(r.op_types)
     work = ctx.path("work/hybrid")
     work.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
 
     from edgeq.pipeline.hybrid import quantize_static_recipe
 
-    r = ctx.target.static
+    r = ctx.target.static_for(ctx.config.get("family"))
     method = ctx.config["calibration"]["method"]
     src = ctx.path(Files.FP32)
     out = ctx.path(Files.model("int8-static"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from importlib import resources
 from typing import Any
@@ -83,6 +83,8 @@ class Target:
     fp16: Fp16Recipe = Fp16Recipe()
     modes: tuple[str, ...] = ("static", "dynamic")
     package: dict[str, Any] = field(default_factory=dict)
+    # Static int8 of image models (CNNs): other ops, and often other types, than transformers.
+    static_vision: StaticRecipe = field(default_factory=lambda: VISION_DEFAULT)
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
@@ -104,6 +106,10 @@ class Target:
         if not 13 <= self.opset <= 23:
             # per-channel QDQ needs opset 13; the exporters we use stop at 23
             raise ValueError(f"opset must be between 13 and 23, got {self.opset}")
+
+    def static_for(self, family: str | None) -> StaticRecipe:
+        """The static int8 recipe for a model family ("vision" or anything else)."""
+        return self.static_vision if family == "vision" else self.static
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -135,8 +141,10 @@ def load(name: str) -> Target:
     return parse(text, source=f"targets/{name}.toml")
 
 
+VISION_DEFAULT = StaticRecipe(op_types=("Conv", "Gemm", "MatMul"))
 _SCALARS = {"str": str, "bool": bool, "int": int}
-_NESTED = {"static": "StaticRecipe", "dynamic": "DynamicRecipe", "fp16": "Fp16Recipe", "package": "dict[str, Any]"}
+_NESTED = {"static": "StaticRecipe", "dynamic": "DynamicRecipe", "fp16": "Fp16Recipe", "package": "dict[str, Any]",
+           "static_vision": "StaticRecipe"}
 
 
 def _checked(cls, table: Any, prefix: str) -> dict[str, Any]:
@@ -172,7 +180,10 @@ def parse(text: str, source: str = "<profile>") -> Target:
                    and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise ValueError(f"missing key(s): {', '.join(missing)}")
+        vision = {**asdict(VISION_DEFAULT),
+                  **_checked(StaticRecipe, sub["static_vision"], "static_vision.")}
         return Target(static=StaticRecipe(**_checked(StaticRecipe, sub["static"], "static.")),
+                      static_vision=StaticRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}),
                       dynamic=DynamicRecipe(**_checked(DynamicRecipe, sub["dynamic"], "dynamic.")),
                       fp16=Fp16Recipe(**_checked(Fp16Recipe, sub["fp16"], "fp16.")),
                       package=sub["package"], **top)
