@@ -1,0 +1,134 @@
+"""Image models from a `package.module:factory`: export, image-folder data with the declared
+preprocessing, static int8, top-1/top-5 agreement, labelled folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_build
+from edgeq.core import EdgeqError
+
+
+def _photos(folder: Path, n: int = 6, seed: int = 0, size=(48, 40)) -> Path:
+    """Small synthetic RGB pictures with structure (gradients and blobs), written as PNG and JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    for i in range(n):
+        img = np.stack([(xx * rng.uniform(2, 6) + rng.uniform(0, 80)) % 256,
+                        (yy * rng.uniform(2, 6) + rng.uniform(0, 80)) % 256,
+                        255 * (((xx - rng.uniform(0, size[0])) ** 2 + (yy - rng.uniform(0, size[1])) ** 2) < 150)], -1)
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"p{i}.{'png' if i % 2 else 'jpg'}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cnn_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cnn")
+    return run_build("tiny_cnn:factory", root / "out", calib=str(_photos(root / "calib")),
+                     eval_path=str(_photos(root / "eval", seed=1)), eval_samples=None)
+
+
+def test_factory_model_is_exported_and_checked_on_photos(cnn_build):
+    export = next(s for s in cnn_build["stages"] if s["stage"] == "export")
+    assert export["metrics"]["max_abs_diff"] < 1e-4 and export["metrics"]["validation_samples"] == 4
+    assert export["settings"]["input_shape"] == [1, 3, 32, 32]
+    pre = export["settings"]["preprocess"]
+    assert (pre["resize"], pre["crop"], pre["mean"], pre["std"]) == (36, 32, [127.5] * 3, [64.0] * 3)
+    assert cnn_build["config"]["family"] == "vision" and cnn_build["config"]["modes"] == ["static"]
+    assert (Path(cnn_build["build_dir"]) / "preprocess.json").is_file()
+
+
+def test_static_int8_quantizes_the_convolutions(cnn_build):
+    import onnx
+
+    g = onnx.load(str(Path(cnn_build["build_dir"]) / "model.int8-static.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("DequantizeLinear") + ops.count("QLinearConv") >= 3
+    # every convolution weight is stored as int8 (the model is too small for size ratios to mean much)
+    int8 = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.INT8}
+    dq_of = {n.output[0]: n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in g.node if n.op_type in ("Conv", "QLinearConv")]
+    assert len(convs) == 3
+    assert all(dq_of.get(n.input[1], n.input[1] if n.op_type == "Conv" else n.input[3]) in int8 for n in convs)
+
+
+def test_every_view_is_evaluated_with_top1_and_top5(cnn_build):
+    arts = {a["name"]: a["metrics"] for a in cnn_build["artifacts"]}
+    assert arts["fp32"]["eval_samples"] == 6 * 12  # 6 photos x 12 views
+    assert arts["fp32"]["top1_agreement"] == 1.0 and arts["fp32"]["top5_overlap"] == 1.0
+    assert 0 <= arts["int8-static"]["top5_overlap"] <= 1 and 0 <= arts["int8-static"]["top1_agreement"] <= 1
+
+
+def test_views_follow_the_declared_preprocessing(tmp_path):
+    from PIL import Image
+
+    from edgeq.calib.images import resolve_preprocess, view
+
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :30] = 200  # left half bright
+    pil = Image.fromarray(img)
+    pre = resolve_preprocess({"resize": 20, "crop": 20, "mean": 100, "std": 50}, [1, 3, 20, 20])
+    x = view(pil, pre)
+    assert x.shape == (1, 3, 20, 20) and x.dtype == np.float32
+    # short side 40 -> 20: the image is 30 x 20, centre crop keeps columns 5..24; left of 15 is bright
+    np.testing.assert_allclose(x[0, 0, 10, 0], (200 - 100) / 50, atol=0.05)
+    np.testing.assert_allclose(x[0, 0, 10, 19], (0 - 100) / 50, atol=0.05)
+    mirrored = view(pil, pre, mirror=True)
+    np.testing.assert_allclose(mirrored[..., ::-1], x, atol=1e-6)
+    nhwc = view(pil, resolve_preprocess({"resize": 20, "crop": 20, "layout": "NHWC"}, [1, 20, 20, 3]))
+    assert nhwc.shape == (1, 20, 20, 3)
+
+
+@pytest.mark.parametrize("given, shape, message", [
+    ({"crop": 30}, [1, 3, 32, 32], "does not match the model's input size 32"),
+    ({"resize": 20}, [1, 3, 32, 32], "smaller than the crop"),
+    ({"mean": [1, 2]}, [1, 3, 32, 32], "mean needs 3 values"),
+    ({"std": 0}, [1, 3, 32, 32], "std values must be positive"),
+    ({"layout": "CHW"}, [1, 3, 32, 32], "layout must be NCHW or NHWC"),
+    ({"gamma": 2}, [1, 3, 32, 32], "unknown preprocessing key"),
+    ({}, [3, 32, 32], "4-D input"),
+])
+def test_bad_preprocessing(given, shape, message):
+    from edgeq.calib.images import resolve_preprocess
+
+    with pytest.raises(EdgeqError, match=message):
+        resolve_preprocess(given, shape)
+
+
+def test_labelled_folders_give_accuracy(tmp_path):
+    root = tmp_path / "eval"
+    for cls in ("3", "7"):
+        _photos(root / cls, n=2, seed=int(cls))
+    m = run_build("tiny_cnn:factory", tmp_path / "out", calib=str(_photos(tmp_path / "calib")),
+                  eval_path=str(root), eval_samples=None)
+    task = next(a for a in m["artifacts"] if a["name"] == "fp32")["metrics"]["task"]
+    assert task["metric"] == "accuracy" and task["samples"] == 4 * 12 and 0 <= task["value"] <= 1
+
+
+def test_image_model_user_errors(tmp_path):
+    from edgeq.build import build, resolve_config
+
+    photos = str(_photos(tmp_path / "p", n=2))
+    with pytest.raises(EdgeqError, match="module 'no_such_pkg.mod' not found"):
+        resolve_config(model="no_such_pkg.mod:factory", out=str(tmp_path))
+    with pytest.raises(EdgeqError, match="needs calibration photos"):
+        resolve_config(model="tiny_cnn:factory", out=str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EdgeqError, match="has no images"):
+        resolve_config(model="tiny_cnn:factory", out=str(tmp_path), calib=str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    cfg = resolve_config(model="tiny_cnn:factory", out=str(tmp_path / "o1"), calib=str(tmp_path / "bad"))
+    with pytest.raises(EdgeqError, match="cannot read image .*x.png"):
+        build(cfg, log=lambda m: None)
+    cfg = resolve_config(model="tiny_cnn:not_a_module", out=str(tmp_path / "o2"), calib=photos)
+    with pytest.raises(EdgeqError, match="returned str, not a torch.nn.Module"):
+        build(cfg, log=lambda m: None)
+    with pytest.raises(EdgeqError, match="--input-shape must be 4 positive sizes"):
+        resolve_config(model="tiny_cnn:factory", out=str(tmp_path), calib=photos, input_shape=(3, 32, 32))
+    assert not any(tmp_path.rglob("manifest.json"))
