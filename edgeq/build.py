@@ -406,7 +406,9 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 def summary_table(manifest: dict[str, Any]) -> str:
     task = next((a["metrics"]["task"]["metric"] for a in manifest["artifacts"] if "task" in a["metrics"]), None)
     lm = any("decode_tokens_per_s" in a["metrics"] for a in manifest["artifacts"])
-    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *((task,) if task else ()),
+    cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"]) and not lm
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
+             *((task,) if task else ()),
              *(("tok/s",) if lm else ()),
              "prefill ms" if lm else "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
     for a in manifest["artifacts"]:
@@ -414,7 +416,8 @@ def summary_table(manifest: dict[str, Any]) -> str:
 
         def f(k, fmt):
             return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
-        t = (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
+        t = (f("top1_agreement", ".1%"),) if cls else ()
+        t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
         t += (f("decode_tokens_per_s", ".1f"),) if lm else ()
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
                      f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),

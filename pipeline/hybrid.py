@@ -104,8 +104,21 @@ def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
                     if not any(c.name in still_quantized for c in readers):
                         for c in readers:
                             c.input[:] = [t if i == dq.output[0] else i for i in c.input]
-        for t in orig.input:
-            if t in fp32_inits and t not in have:
+        produced = {o for n in model.graph.node for o in n.output}
+        for idx, t in enumerate(orig.input):
+            if t not in fp32_inits:
+                continue
+            if t in produced:
+                # the quantizer named a DequantizeLinear output after the float tensor it replaces
+                # (a Gemm/Conv bias): the float copy needs another name, or the graph defines it twice
+                twin = f"{t}_float"
+                node.input[idx] = twin
+                if twin not in have:
+                    init = copy.deepcopy(fp32_inits[t])
+                    init.name = twin
+                    model.graph.initializer.append(init)
+                    have.add(twin)
+            elif t not in have:
                 model.graph.initializer.append(fp32_inits[t])
                 have.add(t)
     prune(model)

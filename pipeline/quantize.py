@@ -50,18 +50,28 @@ def run(ctx: BuildContext) -> StageResult:
 
 
 def _int4(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgeq.pipeline.causal_lm import quantize_int4
+    from edgeq.pipeline.causal_lm import GGUF_BLOCK, quantize_int4, repack_gguf_grids
 
     cfg = ctx.config["int4"]
     out = ctx.path(Files.model("int4"))
-    counts = quantize_int4(ctx.path(Files.FP32), out, cfg["block_size"], cfg["symmetric"], cfg["accuracy_level"],
+    src = ctx.path(Files.FP32)
+    repacked = {}
+    if ctx.model_kind == "gguf":  # weights still on the GGUF's own grids: carried over exactly
+        repacked = repack_gguf_grids(src, out, cfg["accuracy_level"])
+        if repacked["q4_1_exact"] + repacked["q8_0_exact"]:
+            src = out
+    counts = quantize_int4(src, out, cfg["block_size"], cfg["symmetric"], cfg["accuracy_level"],
                            embeddings=cfg["embeddings"])
+    counts.update(repacked)
     if not counts["MatMulNBits"]:
         raise EdgeqError("int4: the model has no MatMul with a constant weight to quantize")
     _check(out)
     settings = {"bits": 4, **cfg, "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
                 "weights": "MatMul weights blocked along the input axis"
                            + ("; token embeddings blocked along the hidden axis" if cfg["embeddings"] else "")}
+    if repacked.get("q4_1_exact") or repacked.get("q8_0_exact"):
+        settings["gguf_grids"] = (f"weights on the GGUF's Q4_1/Q8_0 grids repacked exactly (blocks of {GGUF_BLOCK}); "
+                                  "the rest quantized as above")
     ctx.artifacts.append(Artifact(name="int4", path=Files.model("int4"), precision="int4",
                                   recipe={"mode": "int4", **settings}))
     return settings, {**counts, "size_bytes": model_size_bytes(out)}
