@@ -121,10 +121,52 @@ def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
             elif t not in have:
                 model.graph.initializer.append(fp32_inits[t])
                 have.add(t)
+    # Outputs too: the quantizer renames a node's output when it removes the Clip/Relu after it
+    # (the node then writes the activation's output name) or puts Q/DQ on a graph output.
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        orig = fp32_nodes[node.name]
+        for old_name, new_name in zip(list(node.output), orig.output):
+            if old_name == new_name:
+                continue
+            for q in [c for c in consumers.get(old_name, []) if c.op_type == "QuantizeLinear"]:
+                for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
+                    if new_name in dq.output:  # the pair re-made new_name; the float node makes it now
+                        model.graph.node.remove(dq)
+                        model.graph.node.remove(q)
+        node.output[:] = list(orig.output)
+    _restore_missing(model, fp32_model)
     prune(model)
     if fp16:
         to_fp16_islands(model, names)
     return model
+
+
+def _restore_missing(model, fp32_model) -> None:
+    """Re-add fp32 nodes whose outputs a reverted node reads but the QDQ graph no longer has. ORT's
+    quantizer removes a Clip/Relu after a quantized Conv (the output's quantization range then clips
+    instead); a node taken back to float reads the activation's output again, so the activation must
+    come back."""
+    g = model.graph
+    fp32_producer = {o: n for n in fp32_model.graph.node for o in n.output}
+    fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
+    while True:
+        defined = ({o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+                   | {i.name for i in g.input})
+        missing = [t for n in g.node for t in n.input if t and t not in defined]
+        if not missing:
+            return
+        for t in dict.fromkeys(missing):
+            if t in fp32_inits:
+                g.initializer.append(fp32_inits[t])
+            elif t in fp32_producer:
+                g.node.append(copy.deepcopy(fp32_producer[t]))
+            else:
+                raise ValueError(f"hybrid: tensor {t} has no producer in the fp32 model either")
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        OnnxModel(model).topological_sort()
 
 
 def prune(model) -> None:

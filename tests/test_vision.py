@@ -132,3 +132,35 @@ def test_image_model_user_errors(tmp_path):
     with pytest.raises(EdgeqError, match="--input-shape must be 4 positive sizes"):
         resolve_config(model="tiny_cnn:factory", out=str(tmp_path), calib=photos, input_shape=(3, 32, 32))
     assert not any(tmp_path.rglob("manifest.json"))
+
+
+def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
+    """ORT's quantizer removes the ReLU6 (Clip) after a quantized Conv (the output's quantization
+    range clips instead); taking nodes back to float must bring the activation back."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.pipeline import hybrid
+    from edgeq.targets import load
+
+    d = Path(cnn_build["build_dir"])
+    fp32 = onnx.load(str(d / "model.fp32.onnx"))
+    recipe = load("x86_64").static_vision
+    full_path = d.parent / "full.onnx"
+    ranges = d / "calibration" / "ranges-minmax.json"
+    hybrid.quantize_static_recipe(d / "model.fp32.onnx", full_path, recipe, ranges, "minmax")
+    full = onnx.load(str(full_path))
+    assert sum(n.op_type == "Clip" for n in full.graph.node) < sum(n.op_type == "Clip" for n in fp32.graph.node)
+    nodes = hybrid.quantized_nodes(full, {"Conv", "Gemm", "MatMul"})
+    assert len(nodes) >= 3
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = run(fp32)
+    back = hybrid.revert(full, fp32, nodes, set(recipe.op_types))
+    onnx.checker.check_model(back, full_check=True)
+    np.testing.assert_allclose(run(back), ref, atol=1e-4)
+    # half of them back: still valid and closer to fp32 than full int8
+    half = hybrid.revert(full, fp32, nodes[: len(nodes) // 2 + 1], set(recipe.op_types))
+    assert np.abs(run(half) - ref).max() <= np.abs(run(full) - ref).max() + 1e-6
