@@ -29,7 +29,7 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
     for GGUF (a dependency we don't otherwise need); the same conversion is done here with
     transformers' own `load_gguf_checkpoint` into a model built from the GGUF's config."""
     digest = sha256_file(gguf)
-    out = cache_root / digest[:32]
+    out = cache_root / f"{digest[:32]}-v2"  # v2: tokenizer special tokens taken from the GGUF metadata
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out, digest
     import torch
@@ -48,7 +48,7 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
             state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, _ = model.load_state_dict(state, strict=False)
@@ -58,6 +58,7 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
+    _fix_special_tokens(tok, gguf)
     model.tie_weights()
     missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
     if missing:
@@ -70,6 +71,25 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
         shutil.rmtree(out)
     tmp.replace(out)
     return out, digest
+
+
+def _fix_special_tokens(tok, gguf: Path) -> None:
+    """transformers' GGUF tokenizer conversion (4.57) ignores the file's add_bos_token and eos id
+    (SmolLM2: it adds a BOS the model was not trained with, and names <|im_start|> as EOS, so
+    generation would not stop at <|im_end|>); take them from the GGUF metadata."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+
+    def value(key):
+        f = fields.get(key)
+        return f.parts[f.data[0]][0] if f is not None and f.data else None
+
+    add_bos, eos = value("tokenizer.ggml.add_bos_token"), value("tokenizer.ggml.eos_token_id")
+    if add_bos is not None and hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = bool(add_bos)
+    if eos is not None and 0 <= int(eos) < len(tok):
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos))
 
 
 def export(model_dir: Path, out_dir: Path, opset: int) -> None:
@@ -117,11 +137,13 @@ def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str]) -> d
     greedy = []
     for p in GREEDY_PROMPTS:
         ids = tokenizer(p, return_tensors="np")["input_ids"].astype(np.int64)
-        with torch.no_grad():
+        eos = tokenizer.eos_token_id
+        with torch.no_grad():  # both sides stop at EOS (min_new_tokens would suppress it in PyTorch only)
             ref = model.generate(torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-                                 do_sample=False, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
-                                 pad_token_id=tokenizer.pad_token_id or 0)[0, ids.shape[1]:].tolist()
-        got = lm.generate(ids, GREEDY_TOKENS)[0][0].tolist()
+                                 do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+                                 )[0, ids.shape[1]:].tolist()
+        got = lm.generate(ids, GREEDY_TOKENS, eos=() if eos is None else (eos,))[0][0].tolist()
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
         greedy.append({"prompt": p, "tokens": len(ref), "matching_prefix": same, "match": got == ref,
                        "onnx": tokenizer.decode(got), "pytorch": tokenizer.decode(ref)})

@@ -27,7 +27,7 @@ def _dir(m):
 def test_decoder_is_exported_with_its_cache_and_checked_against_pytorch(llama_build):
     export = next(s for s in llama_build["stages"] if s["stage"] == "export")
     assert export["metrics"]["greedy_match"] is True
-    assert all(g["match"] and g["matching_prefix"] == g["tokens"] == 16 for g in export["metrics"]["greedy"])
+    assert all(g["match"] and g["matching_prefix"] == g["tokens"] >= 1 for g in export["metrics"]["greedy"])
     assert export["metrics"]["max_abs_diff"] < 1e-3
     inputs = {i.name for i in onnx.load(str(_dir(llama_build) / "model.fp32.onnx"), load_external_data=False).graph.input}
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= inputs

@@ -54,7 +54,7 @@ def test_smollm2_int4_is_small_and_close_to_fp32(smollm2):
 def test_smollm2_export_reproduces_pytorch_generation(smollm2):
     summary, manifest = smollm2
     export = next(s for s in manifest["stages"] if s["stage"] == "export")
-    assert export["metrics"]["greedy_match"] and all(g["matching_prefix"] == 16 for g in export["metrics"]["greedy"])
+    assert export["metrics"]["greedy_match"] and all(g["matching_prefix"] == g["tokens"] > 0 for g in export["metrics"]["greedy"])
     # edgeq generate with the fp32 artifact continues the prompt as PyTorch did
     r = _edgeq("generate", summary["build_dir"], "The capital of France is", "-n", "8", "-a", "fp32", timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
