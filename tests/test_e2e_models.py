@@ -83,6 +83,6 @@ def test_efficientnet_static_int8_agrees_with_fp32(efficientnet):
     assert arts["int8-hybrid"]["top5_overlap"] >= 0.85
     assert arts["int8-static"]["cosine"] >= 0.9  # the Conv+Clip recipe (0.79 without the activations)
     assert arts["int8-static"]["eval_samples"] >= 200  # 17 photos x 12 views
-    assert arts["int8-static"]["size_vs_fp32"] < 0.35 and arts["int8-hybrid"]["size_vs_fp32"] < 0.5
+    assert arts["int8-static"]["size_vs_fp32"] < 0.35 and arts["int8-hybrid"]["size_vs_fp32"] < 0.8
     kept = next(a for a in efficientnet["artifacts"] if a["name"] == "int8-hybrid")["recipe"]["kept"]
     assert kept and all(k["precision"] == "fp32" for k in kept)
