@@ -164,3 +164,23 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     # half of them back: still valid and closer to fp32 than full int8
     half = hybrid.revert(full, fp32, nodes[: len(nodes) // 2 + 1], set(recipe.op_types))
     assert np.abs(run(half) - ref).max() <= np.abs(run(full) - ref).max() + 1e-6
+
+
+def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
+    import onnx
+
+    from edgeq.pipeline.hybrid import depthwise_full_range
+
+    fp32 = onnx.load(str(Path(cnn_build["build_dir"]) / "model.fp32.onnx"))
+    overrides = depthwise_full_range(fp32)
+    dw = [n for n in fp32.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(dw) == 1 and overrides == {dw[0].input[1]: [{"axis": 0, "reduce_range": False}]}
+    g = onnx.load(str(Path(cnn_build["build_dir"]) / "model.int8-static.onnx")).graph
+    q = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    for n in g.node:
+        if n.op_type == "Conv":
+            w = q[dq[n.input[1]].input[0]]
+            depthwise = any(a.name == "group" and a.i > 1 for a in n.attribute)
+            # x86_64 has reduce_range: 7-bit weights for the GEMM convs, the full 8 bits for depthwise
+            assert (np.abs(w.astype(int)).max() > 64) == depthwise, n.name
