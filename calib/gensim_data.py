@@ -16,21 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from edgeq.calib import package_data_dir
 from edgeq.core import EdgeqError
 
 
 def data_dir() -> Path:
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("gensim")
-    except metadata.PackageNotFoundError:
-        raise EdgeqError("gensim is not installed (its test data is the source): "
-                         "pip install --no-deps gensim") from None
-    d = Path(dist.locate_file("gensim/test/test_data"))
-    if not d.is_dir():
-        raise EdgeqError(f"gensim is installed but has no test data at {d}")
-    return d
+    return package_data_dir("gensim", "gensim/test/test_data", "test data files")
 
 
 def polarity() -> list[dict]:

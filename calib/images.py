@@ -157,14 +157,10 @@ def offline_photos(out: Path) -> int:
     """Copy the colour photos that ship inside scikit-image's wheel (read as files; no import) into
     `out`: real photos for calibration and evaluation of vision models without a download."""
     import shutil
-    from importlib import metadata
 
-    try:
-        dist = metadata.distribution("scikit-image")
-    except metadata.PackageNotFoundError:
-        raise EdgeqError("scikit-image is not installed (its bundled photos are the source): "
-                         "pip install --no-deps scikit-image") from None
-    src = Path(dist.locate_file("skimage/data"))
+    from edgeq.calib import package_data_dir
+
+    src = package_data_dir("scikit-image", "skimage/data", "bundled photos")
     names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
              "motorcycle_right.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png", "camera.png",
              "moon.png", "coins.png", "brick.png", "grass.png", "gravel.png", "cell.png", "page.png"]
