@@ -196,6 +196,7 @@ def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, 
     """Perplexity of every model on the token rows, and its agreement with fp32's next-token
     predictions: top-1 agreement and the cosine of the logit vectors, over every position."""
     from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.pipeline.metrics import row_cosine
 
     ref_top, ref_logits = [], []
     out = {}
@@ -215,8 +216,7 @@ def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, 
                 ref_logits.append(logits.astype(np.float32))
             else:
                 agree += int((top == ref_top[k]).sum())
-                r = ref_logits[k]
-                cos.append((r * logits).sum(-1) / np.maximum(np.linalg.norm(r, axis=-1) * np.linalg.norm(logits, axis=-1), 1e-12))
+                cos.append(row_cosine(ref_logits[k], logits))
         positions = sum(len(t) for t in ref_top)
         out[name] = {"perplexity": float(np.exp(nll / tokens)), "tokens": tokens,
                      "top1_agreement": 1.0 if name == "fp32" else agree / positions,

@@ -14,11 +14,15 @@ def pooled(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return output.reshape(output.shape[0], -1)
 
 
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (last axis) of two arrays."""
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(den, 1e-12)
+
+
 def fidelity(ref: list[np.ndarray], got: list[np.ndarray], ref_pool: np.ndarray, got_pool: np.ndarray,
              classifier: bool) -> dict:
-    num = (ref_pool * got_pool).sum(axis=1)
-    den = np.linalg.norm(ref_pool, axis=1) * np.linalg.norm(got_pool, axis=1)
-    cos = num / np.maximum(den, 1e-12)
+    cos = row_cosine(ref_pool, got_pool)
     err = np.concatenate([np.abs(r - g).reshape(-1) for r, g in zip(ref, got)])
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "max_abs_err": float(err.max()),
            "mean_abs_err": float(err.mean()), "eval_samples": len(ref)}
@@ -57,9 +61,8 @@ def spearman(a, b) -> float:
 
 
 def pair_cosines(emb: np.ndarray, pairs) -> np.ndarray:
-    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     idx = np.asarray(pairs)
-    return (e[idx[:, 0]] * e[idx[:, 1]]).sum(1)
+    return row_cosine(emb[idx[:, 0]], emb[idx[:, 1]])
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-3, iters: int = 300) -> np.ndarray:

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.pipeline.metrics import pooled, task_metric
+from edgeq.pipeline.metrics import pooled, row_cosine, task_metric
 
 
 def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = None) -> dict:
@@ -100,33 +100,25 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         tf = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
         sel = [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in samples[:SELECTION_SAMPLES])]
 
-    def outputs(model) -> np.ndarray:
-        sess = ort.InferenceSession(model.SerializeToString() if not isinstance(model, (str, Path)) else str(model),
-                                    providers=["CPUExecutionProvider"])
-        return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in sel])
+    def outputs(model, feeds) -> np.ndarray:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in feeds])
 
-    ref = outputs(fp32)
+    ref = outputs(fp32, sel)
 
     def cosine(model) -> float:
-        got = outputs(model)
-        c = (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-        return float(c.mean())
+        return float(row_cosine(outputs(model, sel), ref).mean())
 
     budget_metric = ctx.config.get("budget_metric", "cosine")
     task_sel = _task_selection(ctx) if budget_metric == "task" else None
     name = value = ref_value = None
     if task_sel is not None:
         tsel, tfeeds = task_sel
+        task_ref = outputs(fp32, tfeeds)
 
-        def task_pool(model):
-            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in tfeeds])
-
-        task_ref = task_pool(fp32)
-
-        def task_value(model) -> float:
-            got = task_pool(model)
-            scores, how = task_metric(tsel, {"fp32": task_ref, "m": got}, ctx.facts.get("task"),
+        def task_value(model) -> tuple[float, float, str]:
+            """(the model's task metric, fp32's, the metric's name) on the selection half."""
+            scores, how = task_metric(tsel, {"fp32": task_ref, "m": outputs(model, tfeeds)}, ctx.facts.get("task"),
                                       ctx.facts.get("hf_config") or {})
             return scores["m"], scores["fp32"], how["metric"]
 
@@ -201,8 +193,6 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
 
 def _task_selection(ctx: BuildContext):
     """(the selection half of the labelled evaluation set, its feeds) for a task-metric budget."""
-    from pathlib import Path
-
     from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set
 
     path = Path(ctx.config["evaluation"]["path"])
