@@ -185,21 +185,18 @@ def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
             steps[i].extend(x * 1000 for x in st)
     results = []
     for s, p, st, lm_ms in zip(sessions, prefill, steps, load_ms):
-        p, st = np.asarray(p), np.asarray(st)
-        step_ms = float(np.percentile(st, 50)) if len(st) else float("nan")
+        p50, p90, p99 = (round(float(np.percentile(p, q)), 4) for q in (50, 90, 99))
+        step_ms = float(np.percentile(st, 50)) if st else float("nan")
+        tokens_per_s = round(int(ids.shape[0]) * 1000 / step_ms, 3) if st else None
         results.append({
             "provider": s.get_providers()[0], "runs": len(p), "load_ms": round(lm_ms, 3),
             "prompt_tokens": int(ids.shape[1]), "new_tokens": new, "batch": int(ids.shape[0]),
-            "prefill_p50_ms": round(float(np.percentile(p, 50)), 4),
-            "prefill_p90_ms": round(float(np.percentile(p, 90)), 4),
+            "prefill_p50_ms": p50, "prefill_p90_ms": p90,
             "decode_ms_per_token_p50": round(step_ms, 4),
-            "decode_ms_per_token_p90": round(float(np.percentile(st, 90)), 4) if len(st) else None,
-            "decode_tokens_per_s": round(int(ids.shape[0]) * 1000 / step_ms, 3) if len(st) else None,
+            "decode_ms_per_token_p90": round(float(np.percentile(st, 90)), 4) if st else None,
+            "decode_tokens_per_s": tokens_per_s,
             # the stage's common columns: latency = prefill, throughput = generated tokens/s
-            "latency_p50_ms": round(float(np.percentile(p, 50)), 4),
-            "latency_p90_ms": round(float(np.percentile(p, 90)), 4),
-            "latency_p99_ms": round(float(np.percentile(p, 99)), 4),
-            "throughput_per_s": round(int(ids.shape[0]) * 1000 / step_ms, 3) if len(st) else None,
+            "latency_p50_ms": p50, "latency_p90_ms": p90, "latency_p99_ms": p99, "throughput_per_s": tokens_per_s,
         })
     return {"results": results, "onnxruntime": ort.__version__}
 

@@ -195,7 +195,7 @@ def token_batches(tokenizer, texts: list[str], max_length: int) -> list[np.ndarr
 def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, n, label: x) -> dict[str, dict]:
     """Perplexity of every model on the token rows, and its agreement with fp32's next-token
     predictions: top-1 agreement and the cosine of the logit vectors, over every position."""
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.pipeline.lm_runtime import KVModel, next_token_nll
     from edgeq.pipeline.metrics import row_cosine
 
     ref_top, ref_logits = [], []
@@ -205,11 +205,9 @@ def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, 
         nll, tokens, agree, cos = 0.0, 0, 0, []
         for k, ids in enumerate(track(batches, len(batches), f"evaluate {name}")):
             logits, _ = lm.forward(ids, lm.empty_past(1), 0)
+            nll += float(next_token_nll(logits, ids).sum())
+            tokens += ids.shape[1] - 1
             logits = logits[0].astype(np.float64)
-            z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-            nll -= float(logp[np.arange(len(z)), ids[0, 1:]].sum())
-            tokens += len(z)
             top = logits.argmax(-1)
             if name == "fp32":
                 ref_top.append(top)

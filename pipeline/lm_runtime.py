@@ -76,11 +76,12 @@ class KVModel:
             token = logits[:, -1].argmax(-1)
         return np.stack(out, axis=1), prefill_s, step_s
 
-    def token_nll(self, ids: np.ndarray) -> np.ndarray:
-        """Negative log-likelihood of tokens 1..n-1 of each row given the ones before (one
-        full-sequence call, empty cache)."""
-        logits, _ = self.forward(ids, self.empty_past(ids.shape[0]), 0)
-        logits = logits[:, :-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        return -np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of tokens 1..n-1 of each row of `ids` under `logits` [batch, n, vocab]
+    of a full-sequence call (position t predicts token t + 1)."""
+    z = logits[:, :-1].astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
