@@ -115,6 +115,7 @@ class EvalSet:
     labels: list = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def without(self, drop: set[str]) -> "EvalSet":
         """The set minus samples whose text is in `drop` (calibration texts: never evaluate on them)."""
@@ -128,18 +129,24 @@ class EvalSet:
         if self.kind != "pairs":
             return EvalSet(self.kind, [self.texts[i] for i in keep],
                            labels=[self.labels[i] for i in keep] if self.labels else [])
-        texts: list[str] = []
-        index: dict[str, int] = {}
-        pairs = []
+        out = EvalSet("pairs", [])
         for k in keep:
-            ij = []
-            for t in (self.texts[self.pairs[k][0]], self.texts[self.pairs[k][1]]):
-                if t not in index:
-                    index[t] = len(texts)
-                    texts.append(t)
-                ij.append(index[t])
-            pairs.append(tuple(ij))
-        return EvalSet("pairs", texts, pairs=pairs, scores=[self.scores[k] for k in keep])
+            i, j = self.pairs[k]
+            out.add_pair(self.texts[i], self.texts[j], self.scores[k])
+        return out
+
+    def add_pair(self, text1: str, text2: str, score: float) -> None:
+        """Append a scored pair; each distinct text is stored (and run) once."""
+        if len(self._index) != len(self.texts):  # texts given at construction: index them once
+            self._index = {t: i for i, t in enumerate(self.texts)}
+        ij = []
+        for t in (text1, text2):
+            if t not in self._index:
+                self._index[t] = len(self.texts)
+                self.texts.append(t)
+            ij.append(self._index[t])
+        self.pairs.append(tuple(ij))
+        self.scores.append(float(score))
 
     def __len__(self) -> int:
         return len(self.pairs) if self.kind == "pairs" else len(self.texts)
@@ -154,9 +161,7 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
     if path.suffix.lower() not in {".jsonl", ".ndjson"}:
         return EvalSet("text", read_texts(path, limit, text_field, what))
     kind = None
-    texts: list[str] = []
-    index: dict[str, int] = {}
-    out = EvalSet("text", texts)
+    out = EvalSet("text", [])
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -181,14 +186,7 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
                         raise EdgeqError(f"{path}:{lineno}: expected non-empty strings '{a}' and '{b}'")
                     if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
                         raise EdgeqError(f"{path}:{lineno}: expected a number 'score'")
-                    ij = []
-                    for t in (t1.strip(), t2.strip()):
-                        if t not in index:
-                            index[t] = len(texts)
-                            texts.append(t)
-                        ij.append(index[t])
-                    out.pairs.append(tuple(ij))
-                    out.scores.append(float(score))
+                    out.add_pair(t1.strip(), t2.strip(), score)
                     continue
                 text = obj.get(text_field)
                 if not isinstance(text, str):
@@ -200,7 +198,7 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
                     if isinstance(label, bool) or not isinstance(label, (int, str)):
                         raise EdgeqError(f"{path}:{lineno}: expected a 'label' (an integer or a string)")
                     out.labels.append(label)
-                texts.append(text.strip())
+                out.texts.append(text.strip())
     except UnicodeDecodeError as e:
         raise EdgeqError(f"{path}: not UTF-8 text (byte {e.start}); a binary file?") from None
     if not len(out):

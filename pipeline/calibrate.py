@@ -102,14 +102,15 @@ def run(ctx: BuildContext) -> StageResult:
     percentile = cfg["calibration"]["percentile"]
     fp32 = ctx.path(Files.FP32)
     calib_path = cfg["calibration"]["path"]
-    op_types = list(ctx.target.static_for(ctx.config.get("family")).op_types)
+    recipe = ctx.target.static_for(ctx.config.get("family"))
+    op_types = list(recipe.op_types)
 
     samples = _load_samples(ctx, calib_path, limit)
     ctx.facts["calibration_samples"] = samples
     key = {
         "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
         "method": method, "percentile": percentile if method == "percentile" else None,
-        "op_types": op_types, "max_length": max_length, "symmetric": ctx.target.static_for(ctx.config.get("family")).activation_symmetric,
+        "op_types": op_types, "max_length": max_length, "symmetric": recipe.activation_symmetric,
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
@@ -144,7 +145,7 @@ def run(ctx: BuildContext) -> StageResult:
     so.log_severity_level = 4  # a failure is raised below with its message; no coloured log line too
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del model
-    collector = RangeCollector(method, percentile=percentile, symmetric=ctx.target.static_for(ctx.config.get("family")).activation_symmetric)
+    collector = RangeCollector(method, percentile=percentile, symmetric=recipe.activation_symmetric)
     t0 = time.perf_counter()
     batches = 0
     n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
