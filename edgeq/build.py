@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import platform
+import re
 import shutil
 import sys
 import time
@@ -103,6 +103,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if calib is None:
             raise EdgeqError("an image model needs calibration photos: --calib FOLDER (python -m edgeq.calib.images "
                              "DIR copies the photos that ship with scikit-image)")
+        if budget_metric == "task":
+            raise EdgeqError("--budget-metric task is not supported for image models yet (the budget is on cosine)")
         modes = tuple(modes) or ("static",)
     if runs is None:
         runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
@@ -130,16 +132,17 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if method not in targets.CALIBRATION_METHODS:
         raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
     calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()
-    eval_file = Path(eval_path).expanduser().resolve() if eval_path else default_eval_path()
+    # an image model without --eval is evaluated on other views of its calibration photos
+    eval_file = (Path(eval_path).expanduser().resolve() if eval_path else
+                 calib_file if family == "vision" else default_eval_path())
     if family == "vision":
         from edgeq.calib.images import image_files
 
-        eval_file = Path(eval_path).expanduser().resolve() if eval_path else calib_file
         for f, what in ((calib_file, "calibration"), (eval_file, "evaluation")):
             image_files(f, what)  # a folder with images, or a user error now
+    # Read the data now (text is cheap to read) so a bad file fails before anything is written.
     for f, what, n in () if family == "vision" else ((calib_file, "calibration", calib_samples),
                                                       (eval_file, "evaluation", eval_samples)):
-    # Read the data now (text is cheap to read) so a bad file fails before anything is written.
         check_readable(f, what)
         data_format(f, what)
         if f.suffix.lower() == ".npz":
@@ -163,17 +166,14 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         for label, v in (("--seq-len", seq_len), ("--max-length", max_length)):
             if isinstance(positions, int) and v > positions:
                 raise EdgeqError(f"{label} {v} exceeds the model's {positions} positions (max_position_embeddings)")
-    if kind == "onnx":
-        from edgeq.pipeline.export import check_onnx
-
-        check_onnx(model_path)
+    if kind == "onnx":  # already through onnx.checker: _family() reads its inputs
         text_data = calib_file.suffix.lower() != ".npz" or eval_file.suffix.lower() != ".npz"
         tok_dir = Path(tokenizer) if tokenizer else model_path.parent
         if text_data and not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
             raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
                              "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
-    for label, v, lo in (("--new-tokens", new_tokens, 1), ("--calib-samples", calib_samples, 1), ("--eval-samples", 1 if eval_samples is None else eval_samples, 1),
-                         ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
+    for label, v, lo in (("--new-tokens", new_tokens, 1), ("--calib-samples", calib_samples, 1),
+                         ("--eval-samples", 1 if eval_samples is None else eval_samples, 1), ("--runs", runs, 1), ("--max-length", max_length, 2), ("--seq-len", seq_len, 1),
                          ("--batch-size", batch_size, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
         if v < lo:
             raise EdgeqError(f"{label} must be at least {lo}, got {v}")
@@ -234,6 +234,8 @@ def _check_factory(spec: str) -> str:
     if found is None:
         raise EdgeqError(f"model factory {spec}: module '{module}' not found (is its package installed?)")
     return spec
+
+
 _DECODER_ARCH = ("ForCausalLM", "LMHeadModel")
 
 

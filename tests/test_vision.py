@@ -184,3 +184,11 @@ def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
             depthwise = any(a.name == "group" and a.i > 1 for a in n.attribute)
             # x86_64 has reduce_range: 7-bit weights for the GEMM convs, the full 8 bits for depthwise
             assert (np.abs(w.astype(int)).max() > 64) == depthwise, n.name
+
+
+def test_task_budget_is_refused_for_image_models(tmp_path):
+    from edgeq.build import resolve_config
+
+    with pytest.raises(EdgeqError, match="--budget-metric task is not supported for image models"):
+        resolve_config(model="tiny_cnn:factory", out=str(tmp_path), calib=str(_photos(tmp_path / "p", n=2)),
+                       max_accuracy_drop=0.01, budget_metric="task")
