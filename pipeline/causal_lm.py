@@ -39,7 +39,6 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
     d, f = str(gguf.parent), gguf.name
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a tqdm bar per conversion; the stage logs its own progress
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -56,7 +55,6 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
                          f"{(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
     finally:
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
     _fix_special_tokens(tok, gguf)
     model.tie_weights()
     missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]

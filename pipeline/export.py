@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult, onnx_files, read_json_object, sha256_file
+from edgeq.core import (
+    BuildContext, EdgeqError, Files, StageResult, atomic_write_json, onnx_files, read_json_object, sha256_file,
+)
 
 # Architectures -> optimum task. Everything else in an encoder config exports as feature extraction.
 _TASK_BY_ARCH_SUFFIX = {
@@ -117,7 +119,7 @@ def _export_module(ctx: BuildContext, out_dir: Path) -> StageResult:
     atol = float(ctx.config.get("export_atol", 1e-3))
     if diff > atol:
         raise EdgeqError(f"export validation failed: ONNX differs from PyTorch by {diff:.2e} (> atol {atol:g})")
-    (ctx.path("preprocess.json")).write_text(__import__("json").dumps(pre, indent=2) + "\n")
+    atomic_write_json(ctx.path("preprocess.json"), pre)
     params = sum(p.numel() for p in model.parameters())
     return StageResult(
         settings={"source": spec, "kind": "module", "task": "image-classification", "opset": opset,
