@@ -355,8 +355,12 @@ def repack_gguf_grids(src: Path, dst: Path, accuracy_level: int) -> dict:
     new_inits, removed, nodes, made = [], set(), [], set()
     stats = {"q4_1_exact": 0, "q8_0_exact": 0, "embedding_q8_0_exact": 0, "off_grid": 0}
 
+    added: set[str] = set()
+
     def add(name: str, arr: np.ndarray) -> str:
-        new_inits.append(numpy_helper.from_array(arr, name))
+        if name not in added:  # a weight two MatMuls share is packed (identically) once
+            added.add(name)
+            new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
     for n in g.node:

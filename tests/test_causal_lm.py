@@ -150,3 +150,39 @@ def test_manifest_records_the_int4_recipe(llama_build):
     assert q["metrics"]["int4"]["MatMulNBits"] >= 14  # 2 layers x 7 projections + lm_head
     on_disk = json.loads((_dir(llama_build) / "manifest.json").read_text())
     assert on_disk["artifacts"][2]["recipe"]["mode"] == "int4"
+
+
+def test_gguf_grid_repack_is_exact_and_handles_shared_weights(tmp_path):
+    """Weights on GGUF's Q4_1 / Q8_0 grids become MatMulNBits with the same values: the repacked
+    model computes what the fp32 one does (up to the kernel's arithmetic), even when two MatMuls
+    share a weight."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.pipeline.causal_lm import repack_gguf_grids
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 8
+    q = rng.integers(0, 16, size=(n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # as GGUF makes them: each block spans its whole 4-bit range
+    d, m = rng.uniform(0.01, 0.05, (n, k // 32, 1)), rng.uniform(-0.3, 0.0, (n, k // 32, 1))
+    w4 = (d * q + m).reshape(n, k).T.astype(np.float32)  # Q4_1: blocks of 32 along K
+    q8 = rng.integers(-127, 128, size=(n, k // 32, 32))
+    q8[..., 0] = 127  # Q8_0's scale is the block's absolute maximum / 127
+    w8 = (rng.uniform(0.001, 0.01, (n, k // 32, 1)) * q8).reshape(n, k).T.astype(np.float32)  # Q8_0
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 3, n]) for o in ("a", "b", "c")]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w4"], ["a"], "m1"),
+                           helper.make_node("MatMul", ["x", "w4"], ["b"], "m2"),
+                           helper.make_node("MatMul", ["x", "w8"], ["c"], "m3")], "g", [x], outs,
+                          [numpy_helper.from_array(w4, "w4"), numpy_helper.from_array(w8, "w8")])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    stats = repack_gguf_grids(src, tmp_path / "q.onnx", accuracy_level=0)
+    assert stats["q4_1_exact"] == 2 and stats["q8_0_exact"] == 1 and stats["off_grid"] == 0
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    feeds = {"x": rng.normal(size=(1, 3, k)).astype(np.float32)}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for r, o in zip(ref, got):
+        np.testing.assert_allclose(o, r, atol=1e-4)
