@@ -128,7 +128,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     for m in modes:
         if m not in targets.MODES:
             raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(targets.MODES)})")
-    method = (calib_method or profile.static.calibration).lower()
+    method = (calib_method or profile.static_for(family).calibration).lower()
     if method not in targets.CALIBRATION_METHODS:
         raise EdgeqError(f"unknown calibration method '{method}' (choose from: {', '.join(targets.CALIBRATION_METHODS)})")
     calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()

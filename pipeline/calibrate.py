@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, sha256_file, sha256_json
+from edgeq.pipeline import bias_correction
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
@@ -111,9 +112,12 @@ def run(ctx: BuildContext) -> StageResult:
         "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
         "method": method, "percentile": percentile if method == "percentile" else None,
         "op_types": op_types, "max_length": max_length, "symmetric": recipe.activation_symmetric,
+        "bias_correction": recipe.bias_correction,
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
+    means_path = means_file(ranges_path)
+    means_path.unlink(missing_ok=True)  # only this run's means may sit beside this run's ranges
     # Shared by every build of this model under --out: a target that differs only in quantization
     # settings (types, per-channel, reduce_range, format) reuses the ranges.
     cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
@@ -122,9 +126,12 @@ def run(ctx: BuildContext) -> StageResult:
                 "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
     try:
         meta = json.loads((cache / "meta.json").read_text())
-        if meta.get("key") == key and (cache / "ranges.json").is_file():
+        if meta.get("key") == key and (cache / "ranges.json").is_file() and (
+                not recipe.bias_correction or (cache / "means.npz").is_file()):
             ranges_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache / "ranges.json", ranges_path)
+            if recipe.bias_correction:
+                shutil.copyfile(cache / "means.npz", means_path)
             meta_path.write_text(json.dumps(meta, indent=2))
             ctx.facts["ranges_path"] = ranges_path
             return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
@@ -136,6 +143,10 @@ def run(ctx: BuildContext) -> StageResult:
     names = tensors_to_calibrate(model, set(op_types))
     if not names:
         raise EdgeqError(f"the model has no {'/'.join(op_types)} nodes to calibrate for static quantization")
+    # per-channel input means of the Conv/Gemm nodes, for the quantize stage's bias correction
+    mean_names = set(bias_correction.correctable_inputs(model).values()) & set(names) \
+        if recipe.bias_correction else set()
+    means = bias_correction.MeanCollector()
     have = {o.name for o in model.graph.output}
     for n in names:
         if n not in have:
@@ -158,23 +169,35 @@ def run(ctx: BuildContext) -> StageResult:
                              f"{str(e).strip().splitlines()[0][:300]}") from None
         for n, v in zip(names, outs):
             collector.add(n, v)
+            if n in mean_names:
+                means.add(n, v)
         batches += 1
     ranges = collector.result()
     save_tensors_data(ranges, ranges_path)
     metrics = {"tensors": len(names), "batches": batches, "collect_seconds": round(time.perf_counter() - t0, 3)}
+    if mean_names:
+        np.savez(means_path, **means.result())
+        metrics["input_means"] = len(mean_names)
     meta_path.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
-    _store(cache, ranges_path, meta_path)
+    _store(cache, ranges_path, meta_path, means_path)
     ctx.facts["ranges_path"] = ranges_path
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
 
 
-def _store(cache: Path, ranges_path: Path, meta_path: Path) -> None:
+def means_file(ranges_path: Path) -> Path:
+    """Where the calibrate stage leaves the per-channel input means beside `ranges_path`."""
+    return ranges_path.with_suffix(".means.npz")
+
+
+def _store(cache: Path, ranges_path: Path, meta_path: Path, means_path: Path) -> None:
     """Publish ranges to the shared cache atomically: a directory renamed into place whole."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     try:
         shutil.copyfile(ranges_path, tmp / "ranges.json")
         shutil.copyfile(meta_path, tmp / "meta.json")
+        if means_path.is_file():
+            shutil.copyfile(means_path, tmp / "means.npz")
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)

@@ -45,8 +45,10 @@ _METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile",
 
 
 def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, method: str,
-                           exclude: list[str] = ()) -> None:
-    """onnxruntime.quantization.quantize_static with a target's static recipe and cached ranges."""
+                           exclude: list[str] = ()) -> dict:
+    """onnxruntime.quantization.quantize_static with a target's static recipe and cached ranges,
+    then the recipe's bias correction from the input means the calibrate stage left beside them.
+    Returns the bias correction's counts (empty when it is off)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra = {**QUANTIZER_OPTIONS, "ActivationSymmetric": recipe.activation_symmetric,
@@ -64,7 +66,22 @@ def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, meth
         weight_type=getattr(QuantType, QTYPE[recipe.weight_type]),
         nodes_to_exclude=list(exclude), extra_options=extra,
     )
+    stats = {}
+    from edgeq.pipeline.calibrate import means_file
+
+    means_path = means_file(Path(ranges_path))
+    if recipe.bias_correction and means_path.is_file():
+        import numpy as np
+
+        from edgeq.pipeline import bias_correction
+
+        with np.load(means_path) as z:
+            means = {k: z[k] for k in z.files}
+        model = onnx.load(str(out))
+        stats = bias_correction.correct(model, onnx.load(str(src)), means)
+        onnx.save(model, str(out))
     onnx.checker.check_model(str(out))
+    return stats
 
 
 def depthwise_full_range(model) -> dict:
@@ -118,14 +135,21 @@ def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
         orig = fp32_nodes[node.name]
         del node.input[:]
         node.input.extend(orig.input)
+        producer = _producers(model)
         # ORT's QDQ format puts one Q -> DQ pair on a tensor for all its consumers (and on the
         # node's output too, so it can become a QLinear kernel). Once no quantized node reads a
-        # pair, every consumer reads the float tensor again and the pair is pruned.
+        # pair, every consumer reads the float tensor again and the pair is pruned -- unless a
+        # still-quantized node produces the tensor: its real output is the quantized one, and
+        # when the quantizer folded a Clip/Relu into that Q's range, the float tensor is the
+        # un-clipped value (EfficientNet: reverting one depthwise conv took cosine to 0.03).
         for t in list(orig.input) + list(node.output):
+            from_quantized = t in producer and producer[t].name in still_quantized
             for q in [c for c in consumers.get(t, []) if c.op_type == "QuantizeLinear"]:
                 for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
                     readers = consumers.get(dq.output[0], [])
-                    if not any(c.name in still_quantized for c in readers):
+                    if from_quantized:
+                        node.input[:] = [dq.output[0] if i == t else i for i in node.input]
+                    elif not any(c.name in still_quantized for c in readers):
                         for c in readers:
                             c.input[:] = [t if i == dq.output[0] else i for i in c.input]
         produced = {o for n in model.graph.node for o in n.output}
@@ -160,8 +184,12 @@ def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
                         model.graph.node.remove(dq)
                         model.graph.node.remove(q)
         node.output[:] = list(orig.output)
+    prune(model)  # first: a dead Q reading a renamed output must not make its producer come back
     _restore_missing(model, fp32_model)
-    prune(model)
+    prune(model)  # before sorting: Q/DQ pairs left reading a renamed output are dead, not cycles
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(model).topological_sort()  # restored activations were appended at the end
     if fp16:
         to_fp16_islands(model, names)
     return model
@@ -188,9 +216,6 @@ def _restore_missing(model, fp32_model) -> None:
                 g.node.append(copy.deepcopy(fp32_producer[t]))
             else:
                 raise ValueError(f"hybrid: tensor {t} has no producer in the fp32 model either")
-        from onnxruntime.transformers.onnx_model import OnnxModel
-
-        OnnxModel(model).topological_sort()
 
 
 def prune(model) -> None:

@@ -78,6 +78,7 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     from edgeq.calib import TextFeeds, mask_of, model_feeds
     from edgeq.pipeline import hybrid
     from edgeq.pipeline.measure import ensure_bench_inputs, run_runner
+    from edgeq.pipeline.quantize import first_layers_kept_float
 
     budget = ctx.config["max_accuracy_drop"]
     r = ctx.target.static_for(ctx.config.get("family"))
@@ -85,8 +86,13 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     work = ctx.path("work/hybrid")
     work.mkdir(parents=True, exist_ok=True)
     full_path = work / "full-int8.onnx"
+    # The recipe's first layers (keep_float_first, image models) start in float, as in int8-static:
+    # a structural rule measured once, not re-derived from a noisy per-node ranking (from all-int8
+    # the search on EfficientNet-Lite0 kept 20+ convs float and ran slower than fp32).
+    first = [k["node"] for k in first_layers_kept_float(onnx.load(str(ctx.path(Files.FP32)), load_external_data=False),
+                                                         op_types, r.keep_float_first)]
     hybrid.quantize_static_recipe(ctx.path(Files.FP32), full_path, r, ctx.facts["ranges_path"],
-                                  ctx.config["calibration"]["method"])
+                                  ctx.config["calibration"]["method"], exclude=first)
     fp32, full = onnx.load(str(ctx.path(Files.FP32))), onnx.load(str(full_path))
     candidates = hybrid.quantized_nodes(full, op_types)
     if not candidates:
@@ -181,6 +187,7 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
                    f"on the even-indexed half of the evaluation data ({len(task_sel[0])} samples)")
     settings = {"max_accuracy_drop": budget, "budget_metric": budget_metric, "metric": metric_text,
                 "selection_samples": len(sel), "fallback_precision": higher, "candidates": len(candidates),
+                "float_from_the_start": first,
                 "recipe": "static int8 of the target, all candidate nodes, then greedy fallback by sensitivity"}
     ctx.artifacts.append(Artifact(name="int8-hybrid", path=out, precision=f"int8+{higher}",
                                   recipe={"mode": "hybrid", **settings, "kept": kept,

@@ -27,6 +27,29 @@ def nodes_kept_float(model, op_types, after_ops) -> list[dict]:
     return kept
 
 
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def first_layers_kept_float(model, op_types, n: int) -> list[dict]:
+    """The first `n` weighted nodes of `op_types` in graph order, each with the activations of
+    `op_types` that directly follow it (a Conv kept without its Clip measured worse: the Clip's Q/DQ
+    pair then quantizes the float conv's output anyway). At most a tenth of the weighted nodes: the
+    rule is for deep networks, whose first layers are a small share of the work; a shallow model
+    keeps every layer int8."""
+    inits = {i.name for i in model.graph.initializer}
+    weighted = [nd for nd in model.graph.node
+                if nd.op_type in op_types and nd.op_type in WEIGHTED and len(nd.input) > 1 and nd.input[1] in inits]
+    n = min(n, len(weighted) // 10)
+    if n <= 0:
+        return []
+    first = weighted[:n]
+    outs = {o for nd in first for o in nd.output}
+    acts = [nd for nd in model.graph.node
+            if nd.op_type in op_types and nd.op_type not in WEIGHTED and nd.input and nd.input[0] in outs]
+    reason = f"among the first {n} weighted layers (keep_float_first)"
+    return [{"node": nd.name, "op_type": nd.op_type, "reason": reason} for nd in first + acts]
+
+
 def run(ctx: BuildContext) -> StageResult:
     modes = ctx.config["modes"]
     settings: dict = {}
@@ -88,6 +111,8 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     out = ctx.path(Files.model("int8-static"))
     model = onnx.load(str(src), load_external_data=False)
     kept = nodes_kept_float(model, set(r.op_types), set(r.keep_float_after))
+    kept += [k for k in first_layers_kept_float(model, set(r.op_types), r.keep_float_first)
+             if k["node"] not in {x["node"] for x in kept}]
     quantized = [n.name for n in model.graph.node if n.op_type in r.op_types and n.name not in {k["node"] for k in kept}]
     if not quantized:
         raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
@@ -95,11 +120,13 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                 "per_channel": r.per_channel, "reduce_range": r.reduce_range,
                 "activation_symmetric": r.activation_symmetric, "weight_symmetric": r.weight_symmetric,
                 "op_types": list(r.op_types),
-                "calibration": method, "keep_float_after": list(r.keep_float_after)}
-    quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method, exclude=[k["node"] for k in kept])
+                "calibration": method, "keep_float_after": list(r.keep_float_after),
+                "bias_correction": r.bias_correction, "keep_float_first": r.keep_float_first}
+    corrected = quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method,
+                                       exclude=[k["node"] for k in kept])
     ctx.artifacts.append(Artifact(name="int8-static", path=Files.model("int8-static"), precision="int8",
                                   recipe={"mode": "static", **settings, "kept_float": kept}))
-    return settings, {"quantized_nodes": len(quantized), "kept_float": kept,
+    return settings, {"quantized_nodes": len(quantized), "kept_float": kept, **corrected,
                       "size_bytes": model_size_bytes(out)}
 
 

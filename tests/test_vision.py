@@ -55,6 +55,32 @@ def test_static_int8_quantizes_the_convolutions(cnn_build):
     convs = [n for n in g.node if n.op_type in ("Conv", "QLinearConv")]
     assert len(convs) == 3
     assert all(dq_of.get(n.input[1], n.input[1] if n.op_type == "Conv" else n.input[3]) in int8 for n in convs)
+    q = next(s for s in cnn_build["stages"] if s["stage"] == "quantize")
+    assert q["settings"]["static"]["bias_correction"] is True
+    assert q["metrics"]["static"]["corrected_nodes"] == 4  # 3 convs and the classifier's Gemm
+    assert q["metrics"]["static"]["kept_float"] == []  # keep_float_first does not apply to a 4-layer model
+
+
+def test_first_layers_rule_keeps_deep_networks_first_convs_and_their_activations():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.pipeline.quantize import first_layers_kept_float
+
+    def chain(n):
+        nodes, inits, x = [], [], "x"
+        for i in range(n):
+            inits.append(numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), f"w{i}"))
+            nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+                      helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+            x = f"r{i}"
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g)
+    ops = {"Conv", "Relu", "Gemm", "MatMul"}
+    kept = first_layers_kept_float(chain(30), ops, 3)
+    assert sorted(k["node"] for k in kept) == ["conv0", "conv1", "conv2", "relu0", "relu1", "relu2"]
+    assert [k["node"] for k in first_layers_kept_float(chain(20), ops, 3)] == ["conv0", "conv1", "relu0", "relu1"]
+    assert first_layers_kept_float(chain(9), ops, 3) == [] and first_layers_kept_float(chain(30), ops, 0) == []
 
 
 def test_every_view_is_evaluated_with_top1_and_top5(cnn_build):
@@ -147,8 +173,10 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     fp32 = onnx.load(str(d / "model.fp32.onnx"))
     recipe = load("x86_64").static_vision
     full_path = d.parent / "full.onnx"
-    ranges = d / "calibration" / "ranges-minmax.json"
-    hybrid.quantize_static_recipe(d / "model.fp32.onnx", full_path, recipe, ranges, "minmax")
+    method = cnn_build["config"]["calibration"]["method"]
+    assert method == recipe.calibration == "percentile"  # the image-model default
+    ranges = d / "calibration" / f"ranges-{method}.json"
+    hybrid.quantize_static_recipe(d / "model.fp32.onnx", full_path, recipe, ranges, method)
     full = onnx.load(str(full_path))
     assert sum(n.op_type == "Clip" for n in full.graph.node) < sum(n.op_type == "Clip" for n in fp32.graph.node)
     nodes = hybrid.quantized_nodes(full, {"Conv", "Gemm", "MatMul"})
@@ -164,6 +192,35 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     # half of them back: still valid and closer to fp32 than full int8
     half = hybrid.revert(full, fp32, nodes[: len(nodes) // 2 + 1], set(recipe.op_types))
     assert np.abs(run(half) - ref).max() <= np.abs(run(full) - ref).max() + 1e-6
+
+
+def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(cnn_build):
+    """The quantizer folds the ReLU6 after the first conv into its output's Q range; a later node taken
+    back to float must read that quantized (clipped) output, not the raw conv output it replaced."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.pipeline import hybrid
+    from edgeq.targets import load
+
+    d = Path(cnn_build["build_dir"])
+    fp32 = onnx.load(str(d / "model.fp32.onnx"))
+    full = onnx.load(str(d / "model.int8-static.onnx"))
+    recipe = load("x86_64").static_vision
+    convs = [n.name for n in full.graph.node if n.op_type == "Conv"]
+    back = hybrid.revert(full, fp32, [convs[1]], set(recipe.op_types))  # the depthwise conv
+    onnx.checker.check_model(back, full_check=True)
+    prod = {o: n for n in back.graph.node for o in n.output}
+    dw = next(n for n in back.graph.node if n.name == convs[1])
+    assert prod[dw.input[0]].op_type == "DequantizeLinear"
+    assert dw.input[1] in {i.name for i in back.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = run(fp32)
+    # one more node in float: about as close to fp32 as full int8 (reading the un-clipped output: 5x off)
+    assert np.abs(run(back) - ref).max() <= 1.5 * np.abs(run(full) - ref).max()
 
 
 def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
