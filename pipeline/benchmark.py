@@ -80,8 +80,7 @@ def run(ctx: BuildContext) -> StageResult:
                   **({"new_tokens": cfg["new_tokens"], "speedup": "decode tokens/s vs fp32 (prefill: "
                       "prefill_speedup_vs_fp32)"} if cfg.get("new_tokens") else {}),
                   "warmup": cfg["warmup"], "runs": cfg["runs"],
-                  "method": "latency: artifacts interleaved in rounds of 10 runs in one process, worker "
-                            "threads not spinning between runs (session.intra_op.allow_spinning=0); "
+                  "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
                             "load time and peak RSS: a fresh process per artifact",
                   "primary_provider": primary, "host_machine": host},
         metrics={"execution_providers": eps, "notes": notes},
