@@ -225,6 +225,9 @@ def read_npz(path: Path, input_names: list[str], what: str = "calibration",
         raise EdgeqError(f"cannot read {what} file {path.name} as .npz: {e}") from None
     except Exception as e:  # numpy raises many types for a corrupt archive
         raise EdgeqError(f"cannot read {what} file {path.name} as .npz: {e}") from None
+    for k, v in arrays.items():  # numpy hands back raw bytes for a member without an .npy header
+        if not isinstance(v, np.ndarray):
+            raise EdgeqError(f"{what} file {path.name}: '{k}' is not a NumPy array")
     missing = [n for n in input_names if n not in arrays]
     if missing:
         raise EdgeqError(f"{what} file {path} lacks arrays for model inputs: {', '.join(missing)}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -24,78 +25,161 @@ def cli(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
+EXIT_GATE_FAILED = 3  # the build worked, its artifacts miss a gate (also `edgeq parity`'s failed check)
+
+# The options of `edgeq build`, shared with `edgeq config` (which resolves them without building).
+# Each is also a key of edgeq.toml, named like its long option with underscores (`eval` for --eval).
+BUILD_OPTIONS = [
+    click.argument("model", required=False),
+    click.option("--target", "-t", help="Target profile (see `edgeq targets`) or a profile .toml; default: this "
+                                        "machine's CPU."),
+    click.option("--mode", "-m", "modes", multiple=True,
+                 help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
+                      "dynamic and int4 for a causal LM)."),
+    click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: "
+                                           "bundled set."),
+    click.option("--eval", "eval_path", type=str,
+                 help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
+                      "task metric (accuracy, Spearman). Default: bundled set."),
+    click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's)."),
+    click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use."),
+    click.option("--eval-samples", type=int,
+                 help="Evaluation samples to use (default: 120 lines of text, every sample of labelled JSONL)."),
+    click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile."),
+    click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data."),
+    click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]),
+                 help="Default: from config.json."),
+    click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it."),
+    click.option("--name", help="Model name used for the output folder."),
+    click.option("--out", "-o", default="artifacts", show_default=True, help="Output root."),
+    click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM)."),
+    click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per artifact first."),
+    click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores)."),
+    click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length."),
+    click.option("--max-length", type=int, default=128, show_default=True,
+                 help="Tokens per calibration/evaluation sample (longer text is truncated)."),
+    click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size."),
+    click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O)."),
+    click.option("--max-accuracy-drop", type=float,
+                 help="Gate, and budget of an int8-hybrid artifact (static int8 with the most sensitive nodes in "
+                      "fp16/fp32 until the drop vs fp32 is within it): 1 - cosine, the task metric's drop with "
+                      "--budget-metric task, or a causal LM's relative perplexity increase (e.g. 0.01)."),
+    click.option("--min-speedup", type=float,
+                 help="Gate: an artifact must be at least this many times as fast as fp32 (latency p50; decode "
+                      "tokens/s for a causal LM)."),
+    click.option("--max-size-mb", type=float, help="Gate: an artifact's model file(s) at most this many MB."),
+    click.option("--block-size", type=int, default=32, show_default=True,
+                 help="int4: weights per quantization block (16, 32, 64, 128, 256)."),
+    click.option("--accuracy-level", type=int, default=4, show_default=True,
+                 help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input)."),
+    click.option("--new-tokens", type=int, default=32, show_default=True,
+                 help="Causal LM benchmark: tokens generated after the --seq-len prompt."),
+    click.option("--input-shape", help="Image model from a factory: input size as N,C,H,W (default: the factory's "
+                                       "edgeq_input_shape)."),
+    click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
+                                      "factory's edgeq_preprocess, else ImageNet's)."),
+    click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
+                 help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
+                      "(accuracy, Spearman), as an absolute drop."),
+    click.option("--trust-remote-code", is_flag=True,
+                 help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
+    click.option("--allow-pickle", is_flag=True,
+                 help="Allow pickle checkpoints (pytorch_model.bin, .pt): loading one can run code. Off: only "
+                      "safetensors weights are read."),
+    click.option("--config", "config_file", type=str,
+                 help="An edgeq.toml (written by `edgeq config`) giving these options; options on the command "
+                      "line override it."),
+]
+
+
+def build_options(f):
+    for decorator in reversed(BUILD_OPTIONS):
+        f = decorator(f)
+    return f
+
+
+def _resolved_config(ctx: click.Context, options: dict):
+    """The options (edgeq.toml's values under those given on the command line) resolved and checked."""
+    from click.core import ParameterSource
+
+    from edgeq.build import resolve_config
+    from edgeq.config import read_config_file
+
+    config_file = options.pop("config_file")
+    chosen = dict(options)
+    if config_file:
+        for name, value in read_config_file(config_file, ctx.command).items():
+            if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+                chosen[name] = value
+    chosen["input_shape"] = _shape(chosen["input_shape"])
+    chosen["eval_path"] = chosen.pop("eval_path")
+    return resolve_config(**chosen)
+
+
 @cli.command()
-@click.argument("model", required=False)
-@click.option("--target", "-t", help="Target profile (see `edgeq targets`); default: this machine's CPU.")
-@click.option("--mode", "-m", "modes", multiple=True,
-              help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
-                   "dynamic and int4 for a causal LM).")
-@click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: bundled set.")
-@click.option("--eval", "eval_path", type=str,
-              help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
-                   "task metric (accuracy, Spearman). Default: bundled set.")
-@click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's).")
-@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use.")
-@click.option("--eval-samples", type=int,
-              help="Evaluation samples to use (default: 120 lines of text, every sample of labelled JSONL).")
-@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
-@click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data.")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]), help="Default: from config.json.")
-@click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it.")
-@click.option("--name", help="Model name used for the output folder.")
-@click.option("--out", "-o", default="artifacts", show_default=True, help="Output root.")
-@click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM).")
-@click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores).")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length.")
-@click.option("--max-length", type=int, default=128, show_default=True,
-              help="Tokens per calibration/evaluation sample (longer text is truncated).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size.")
-@click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O).")
-@click.option("--max-accuracy-drop", type=float,
-              help="Also build int8-hybrid: static int8 with the most sensitive nodes in fp16/fp32 until "
-                   "1 - cosine vs fp32 <= this (e.g. 0.01).")
-@click.option("--block-size", type=int, default=32, show_default=True,
-              help="int4: weights per quantization block (16, 32, 64, 128, 256).")
-@click.option("--accuracy-level", type=int, default=4, show_default=True,
-              help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input).")
-@click.option("--new-tokens", type=int, default=32, show_default=True,
-              help="Causal LM benchmark: tokens generated after the --seq-len prompt.")
-@click.option("--input-shape", help="Image model from a factory: input size as N,C,H,W (default: the factory's "
-                                    "edgeq_input_shape).")
-@click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
-                                   "factory's edgeq_preprocess, else ImageNet's).")
-@click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
-              help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
-                   "(accuracy, Spearman), as an absolute drop.")
+@build_options
+@click.option("--fresh", is_flag=True, help="Start over: ignore an interrupted build's finished stages.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs go to stderr).")
-def build(model, target, modes, calib, eval_path, calib_method, calib_samples, eval_samples, percentile,
-          text_field, task, tokenizer, name, out, runs, threads, seq_len, max_length, batch_size, fp16_io, max_accuracy_drop,
-          block_size, accuracy_level, new_tokens, input_shape, preprocess, budget_metric, as_json) -> None:
+@click.pass_context
+def build(ctx, fresh, as_json, **options) -> None:
     """Export, optimize, calibrate, quantize, evaluate, benchmark and package MODEL.
 
     MODEL is a Hugging Face model directory, an .onnx file, a causal LM's .gguf file, or
     package.module:factory (a function returning a PyTorch image model, e.g.
     edgeq.zoo:efficientnet_lite0); without it, the embedded default model (all-MiniLM-L6-v2) is built.
-    """
-    from edgeq.build import build as run_build, json_summary, resolve_config, summary_table
 
-    config = resolve_config(model=model, target=target, modes=modes, calib=calib, eval_path=eval_path, out=out,
-                            calib_method=calib_method, calib_samples=calib_samples, eval_samples=eval_samples,
-                            text_field=text_field, task=task, tokenizer=tokenizer, name=name, runs=runs,
-                            threads=threads, seq_len=seq_len, max_length=max_length, batch_size=batch_size, percentile=percentile,
-                            fp16_io=fp16_io, max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric,
-                            block_size=block_size, accuracy_level=accuracy_level, new_tokens=new_tokens,
-                            input_shape=_shape(input_shape), preprocess=preprocess)
+    Exit status: 0 built; 2 a user error (nothing complete written); 3 built, but no artifact meets
+    the gates (--max-accuracy-drop, --min-speedup, --max-size-mb; the manifest says which and by how
+    much); 130 interrupted (the finished stages are kept and the same build resumes from them).
+    """
+    from edgeq.build import build as run_build, gate_failure_text, json_summary, summary_table
+
+    config = _resolved_config(ctx, options)
     if as_json:
         with stdout_to_stderr() as real_stdout:
-            manifest = run_build(config)
+            manifest = run_build(config, fresh=fresh)
             click.echo(summary_table(manifest), err=True)
         real_stdout.write(json.dumps(json_summary(manifest), indent=2) + "\n")
         real_stdout.flush()
-        return
-    manifest = run_build(config)
-    click.echo(summary_table(manifest))
-    click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
+    else:
+        manifest = run_build(config, fresh=fresh)
+        click.echo(summary_table(manifest))
+        click.echo(f"manifest: {manifest['build_dir']}/manifest.json")
+    gates = manifest.get("gates")
+    if gates and not gates["passed"]:
+        click.echo(f"edgeq: {gate_failure_text(gates)}", err=True)
+        sys.exit(EXIT_GATE_FAILED)
+
+
+@cli.command("config")
+@build_options
+@click.option("--from-build", "from_build", help="Start from the options a finished build used (its manifest).")
+@click.option("--write", "-w", "write_to", help="Write the TOML to this file (default: print it).")
+@click.pass_context
+def config_cmd(ctx, from_build, write_to, **options) -> None:
+    """Resolve the build options (checking the model, data and target as `edgeq build` does, building
+    nothing) and print them as an edgeq.toml that `edgeq build --config` replays.
+
+    Every option is written with its effective value (the target's defaults filled in); paths are
+    relative to the file's folder when inside it.
+    """
+    from pathlib import Path
+
+    from edgeq.config import options_from_build, to_toml
+    from edgeq.core import atomic_write_text
+
+    if from_build:
+        if options["config_file"]:
+            raise EdgeqError("give --config or --from-build, not both")
+        options["config_file"] = options_from_build(Path(from_build))
+    config = _resolved_config(ctx, options)
+    base = Path(write_to).expanduser().resolve().parent if write_to else Path.cwd()
+    text = to_toml(config["options"], base)
+    if write_to:
+        atomic_write_text(Path(write_to), text)
+        click.echo(f"wrote {write_to}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -219,6 +303,62 @@ def inspect_cmd(artifact_dir, artifact, all_nodes, as_json) -> None:
     click.echo(render(report))
 
 
+@cli.command()
+@click.argument("build_dir")
+@click.option("--to", "to", required=True,
+              help="A folder (the bundle becomes DIR/<model>-<target>-<version>/) or a .tar.gz/.tgz/.tar file.")
+@click.option("--version", "version", help="Bundle version (default: 12 hex digits of the stable manifest's sha256).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def publish(build_dir, to, version, as_json) -> None:
+    """Publish BUILD_DIR (a finished build) as a versioned, reproducible bundle: the artifacts,
+    tokenizer and packaging files, the stable manifest, a README and SHA256SUMS."""
+    from pathlib import Path
+
+    from edgeq.pipeline.publish import publish as run_publish
+
+    result = run_publish(Path(build_dir), Path(to), version)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{result['bundle']}: {result['files']} files, sha256 {result['sha256']} ({result['sha256_of']})")
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def verify(bundle, as_json) -> None:
+    """Check a published bundle (folder or tarball) against its SHA256SUMS, reading nothing outside
+    it. Exit 0: intact; 3: a file is missing, changed or unaccounted for; 2: not a readable bundle."""
+    from pathlib import Path
+
+    from edgeq.pipeline.publish import EXIT_VERIFY_FAILED, verify as run_verify
+
+    result = run_verify(Path(bundle))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result["ok"]:
+        click.echo(f"{bundle}: {result['files']} files, all match {'SHA256SUMS'}")
+    if not result["ok"]:
+        click.echo(f"edgeq: verify failed: {result['problems'][0]}"
+                   + (f" (and {len(result['problems']) - 1} more)" if len(result["problems"]) > 1 else ""), err=True)
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", "-o", "out_dir", help="Where to write report.html, report.md and the plots "
+                                             "(default: the first PATH).")
+def report(paths, out_dir) -> None:
+    """Write report.html (self-contained) and report.md with plots for one or more builds: PATHS are
+    build directories, or a model's folder holding a build per target."""
+    from pathlib import Path
+
+    from edgeq.pipeline.report import write_report
+
+    result = write_report([Path(p) for p in paths], Path(out_dir) if out_dir else None)
+    click.echo(f"wrote {result['html']} and {result['markdown']}")
+
+
 class Interrupted(BaseException):
     """Raised by the SIGINT/SIGTERM handlers. Not KeyboardInterrupt: click would print a blank line
     for that; a BaseException still unwinds every `finally` (the build removes its staging dir)."""
@@ -293,10 +433,24 @@ def main() -> None:
     except EdgeqError as e:
         click.echo(f"edgeq: error: {_one_line(e)}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        # the file system refusing a path the user gave (too long, no permission, disk full...)
+        if e.filename is not None and e.errno in _USER_OS_ERRORS:
+            click.echo(f"edgeq: error: {_one_line(f'{e.filename}: {e.strerror}')}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        _internal(e)
     except Exception as e:  # a bug, not the user's doing: one line, traceback on request
-        if os.environ.get("EDGEQ_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"edgeq: internal error: {type(e).__name__}: {_one_line(msg, 300)} "
-                   "(set EDGEQ_DEBUG=1 for a traceback)", err=True)
-        sys.exit(EXIT_INTERNAL_ERROR)
+        _internal(e)
+
+
+_USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def _internal(e: Exception) -> None:
+    if os.environ.get("EDGEQ_DEBUG"):
+        raise e
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    click.echo(f"edgeq: internal error: {type(e).__name__}: {_one_line(msg, 300)} "
+               "(set EDGEQ_DEBUG=1 for a traceback)", err=True)
+    sys.exit(EXIT_INTERNAL_ERROR)

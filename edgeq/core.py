@@ -121,18 +121,46 @@ def sha256_json(obj: Any) -> str:
 
 
 def onnx_files(model_path: Path) -> list[Path]:
-    """The .onnx file and the external-data files it references (that exist beside it)."""
+    """The .onnx file and the external-data files it references (each once; they may not exist).
+
+    Never a path outside the model's folder: callers size and copy these files, so a location that
+    is absolute, has a '..' component or resolves (through a symlink) outside the folder is a user
+    error. (pipeline.export.check_onnx checks a user's model fully, before anything reads it.)"""
+    import re
+
     import onnx
 
-    files = [model_path]
+    def tensors(graph):  # initializers, sparse ones, tensor attributes; subgraphs too
+        yield from getattr(graph, "initializer", ())
+        for sp in getattr(graph, "sparse_initializer", ()):
+            yield from (sp.values, sp.indices)
+        for node in graph.node:
+            for a in node.attribute:
+                yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield from (sp.values, sp.indices)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
     proto = onnx.load(str(model_path), load_external_data=False)
-    seen = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            info = onnx.external_data_helper.ExternalDataInfo(tensor)
-            if info.location not in seen:
-                seen.add(info.location)
-                files.append(model_path.parent / info.location)
+    root = model_path.parent.resolve()
+    files, seen = [model_path], set()
+    for tensor in (t for g in (proto.graph, *proto.functions) for t in tensors(g)):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location in seen:
+            continue
+        seen.add(location)
+        try:
+            inside = (bool(location) and not location.startswith(("/", "\\")) and "\0" not in location
+                      and ".." not in re.split(r"[\\/]", location)
+                      and (root / location).resolve().is_relative_to(root))
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            raise EdgeqError(f"{model_path}: external data location {location!r} is outside the model's folder")
+        files.append(model_path.parent / location)
     return files
 
 
@@ -221,6 +249,88 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+# What differs between two builds of the same inputs and config: timestamps, timings, the machine
+# and anything measured with a clock. The manifest keeps these in its "run" section, so that the rest
+# (and the published bundle, which leaves "run" out) is byte-identical from build to build.
+_VOLATILE_KEYS = frozenset({
+    "created_utc", "build_seconds", "build_dir", "machine", "host_machine", "seconds", "reused", "benchmark",
+    "execution_providers", "primary_provider", "throughput_per_s", "peak_rss_mb", "speedup_vs_fp32",
+    "ep_coverage", "notes", "gates", "parity", "remote_benchmarks", "resumed", "cache",
+})
+_VOLATILE_SUFFIXES = ("_ms", "_per_s", "_seconds")
+_LIST_IDS = ("name", "stage", "step", "node")
+_INPUT_SECTIONS = ("config", "target", "versions", "tool", "schema")
+
+
+def _volatile(key: str) -> bool:
+    return key in _VOLATILE_KEYS or key.endswith(_VOLATILE_SUFFIXES) or key.startswith("latency")
+
+
+def split_volatile(obj: Any) -> tuple[Any, Any]:
+    """(stable part, volatile part) of a manifest subtree. The volatile part mirrors the structure
+    (lists of records are keyed by their name/stage/step, else their index) and holds only the
+    volatile keys; `merge_volatile` puts them back."""
+    if isinstance(obj, dict):
+        stable, vol = {}, {}
+        for k, v in obj.items():
+            if _volatile(k):
+                vol[k] = v
+                continue
+            stable[k], sub = split_volatile(v)
+            if sub:
+                vol[k] = sub
+        return stable, vol
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        stable, vol = [], {}
+        for i, x in enumerate(obj):
+            st, sub = split_volatile(x)
+            stable.append(st)
+            if sub:
+                vol[_list_id(x, i)] = sub
+        return stable, vol
+    return obj, None
+
+
+def _list_id(record: dict, index: int) -> str:
+    for k in _LIST_IDS:
+        if isinstance(record.get(k), (str, int)) and not isinstance(record.get(k), bool):
+            return f"{k}={record[k]}"
+    return f"#{index}"
+
+
+def merge_volatile(stable: Any, vol: Any) -> Any:
+    if not vol:
+        return stable
+    if isinstance(stable, dict) and isinstance(vol, dict):
+        out = dict(stable)
+        for k, v in vol.items():
+            out[k] = merge_volatile(out[k], v) if k in out and not _volatile(k) else v
+        return out
+    if isinstance(stable, list) and isinstance(vol, dict):
+        return [merge_volatile(x, vol.get(_list_id(x, i))) if isinstance(x, dict) else x
+                for i, x in enumerate(stable)]
+    return stable
+
+
+def manifest_for_disk(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as written: the stable content first, the volatile values under "run"."""
+    merged = merge_volatile({k: v for k, v in manifest.items() if k != "run"}, manifest.get("run"))
+    # the build's inputs are stable by definition (the config's benchmark settings are not timings)
+    inputs = {k: merged.pop(k) for k in _INPUT_SECTIONS if k in merged}
+    stable, vol = split_volatile(merged)
+    return {k: inputs[k] if k in inputs else stable[k] for k in manifest if k in inputs or k in stable} | {
+        k: v for k, v in stable.items() if k not in manifest} | {"run": vol or {}}
+
+
+def stable_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What two builds of the same inputs and config agree on, byte for byte (the published manifest)."""
+    return {k: v for k, v in manifest_for_disk(manifest).items() if k != "run"}
+
+
+def write_manifest(build_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(Path(build_dir) / Files.MANIFEST, manifest_for_disk(manifest))
+
+
 def load_manifest(build_dir: Path) -> dict[str, Any]:
     """The manifest of a complete build directory, as a user error when there is none."""
     path = Path(build_dir) / Files.MANIFEST
@@ -231,7 +341,13 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
     manifest = read_json_object(path)
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise EdgeqError(f"{path}: not an edgeq manifest (schema {MANIFEST_SCHEMA} expected)")
-    return manifest
+    run = manifest.pop("run", None)
+    if run is not None and not isinstance(run, dict):
+        raise EdgeqError(f"{path}: not an edgeq manifest (its run section is not an object)")
+    try:  # the in-memory view: volatile values back in place (readers see one record per artifact)
+        return merge_volatile(manifest, run)
+    except (KeyError, TypeError, AttributeError):
+        raise EdgeqError(f"{path}: not an edgeq manifest (its run section does not match the rest)") from None
 
 
 def update_manifest(build_dir: Path, section: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +355,7 @@ def update_manifest(build_dir: Path, section: str, key: str, record: dict[str, A
     manifest[section][key] = record, written atomically. Returns the updated manifest."""
     manifest = load_manifest(build_dir)
     manifest.setdefault(section, {})[key] = record
-    atomic_write_json(Path(build_dir) / Files.MANIFEST, manifest)
+    write_manifest(build_dir, manifest)
     return manifest
 
 

@@ -66,6 +66,14 @@ def partition(model: str, feeds: dict, provider: str, so_factory) -> dict:
             "fallback_ops": dict(sorted(fallback_ops.items(), key=lambda kv: -kv[1]))}
 
 
+def _quantiles(times_ms) -> list:
+    """The 0, 5, ..., 100th percentiles of the run times: enough to draw the distribution (box plots in
+    `edgeq report`) without storing every run."""
+    import numpy as np
+
+    return [round(float(q), 4) for q in np.percentile(np.asarray(times_ms, dtype=float), list(range(0, 101, 5)))]
+
+
 def main(spec: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -148,6 +156,7 @@ def main(spec: dict) -> dict:
             "latency_p90_ms": round(float(np.percentile(a, 90)), 4),
             "latency_p99_ms": round(float(np.percentile(a, 99)), 4),
             "latency_min_ms": round(float(a.min()), 4),
+            "latency_quantiles_ms": _quantiles(a),
             "throughput_per_s": round(batch * 1000 / float(a.mean()), 3),
         })
     out = {"results": results, "onnxruntime": ort.__version__, "rss_before_load_mb": round(rss_before, 1)}
@@ -199,6 +208,7 @@ def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
             "decode_tokens_per_s": tokens_per_s,
             # the stage's common columns: latency = prefill, throughput = generated tokens/s
             "latency_p50_ms": p50, "latency_p90_ms": p90, "latency_p99_ms": p99, "throughput_per_s": tokens_per_s,
+            "latency_quantiles_ms": _quantiles(p),
         })
     return {"results": results, "onnxruntime": ort.__version__}
 

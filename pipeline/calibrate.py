@@ -178,7 +178,9 @@ def run(ctx: BuildContext) -> StageResult:
     if mean_names:
         np.savez(means_path, **means.result())
         metrics["input_means"] = len(mean_names)
-    meta_path.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2))
+    # no timings in the file: it is part of the build, whose bytes must not depend on the clock
+    meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
+                                                             if k != "collect_seconds"}}, indent=2))
     _store(cache, ranges_path, meta_path, means_path)
     ctx.facts["ranges_path"] = ranges_path
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)

@@ -42,8 +42,10 @@ def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(d, gguf_file=f)
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        # trust_remote_code=False: a GGUF carries no code, and nothing in its folder may run (left at
+        # None, transformers would ask on a terminal when a file there names custom code)
+        config = AutoConfig.from_pretrained(d, gguf_file=f, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f, trust_remote_code=False)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
@@ -89,12 +91,14 @@ def _fix_special_tokens(tok, gguf: Path) -> None:
         tok.eos_token = tok.convert_ids_to_tokens(int(eos))
 
 
-def export(model_dir: Path, out_dir: Path, opset: int) -> None:
+def export(model_dir: Path, out_dir: Path, opset: int, trust_remote_code: bool = False) -> None:
+    """optimum's export with the key/value cache. `trust_remote_code`: let transformers run the
+    folder's own modeling code (the build's --trust-remote-code; off by default)."""
     from optimum.exporters.onnx import main_export
 
     main_export(str(model_dir), output=str(out_dir), task=EXPORT_TASK, opset=lm_opset(opset),
                 library_name="transformers", do_validation=False, local_files_only=True,
-                trust_remote_code=False, device="cpu")
+                trust_remote_code=trust_remote_code, device="cpu")
 
 
 def lm_opset(target_opset: int) -> int:
@@ -113,7 +117,7 @@ def session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str]) -> dict:
+def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str], trust_remote_code: bool = False) -> dict:
     """Prefill logits of ONNX vs PyTorch on real text, and the greedy check: the ONNX model decoding
     with its key/value cache must produce PyTorch's first GREEDY_TOKENS tokens for each prompt."""
     import torch
@@ -122,7 +126,7 @@ def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str]) -> d
     from edgeq.pipeline.lm_runtime import KVModel
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                 trust_remote_code=False, dtype=torch.float32).eval()
+                                                 trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
     lm = KVModel(session(onnx_path))
     worst = 0.0
     for t in texts:
@@ -222,9 +226,12 @@ def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, 
 
 
 def generate_text(build_dir: Path, prompt: str, artifact: str | None, max_new_tokens: int, chat: bool,
-                  threads: int, write) -> dict:
+                  threads: int, write, trust_remote_code: bool = False) -> dict:
     """`edgeq generate`: greedy decoding with one of a build's artifacts, the text written as it
-    comes (`write(str)`), decoded incrementally so multi-byte characters split over tokens print whole."""
+    comes (`write(str)`), decoded incrementally so multi-byte characters split over tokens print whole.
+
+    `trust_remote_code` is the caller's decision, never the manifest's: a build directory may come
+    from elsewhere, and its tokenizer/ folder could name code to run."""
     from transformers import AutoTokenizer
 
     from edgeq.core import load_manifest
@@ -240,7 +247,7 @@ def generate_text(build_dir: Path, prompt: str, artifact: str | None, max_new_to
     tok_dir = build_dir / "tokenizer"
     if not tok_dir.is_dir():
         raise EdgeqError(f"{build_dir} has no tokenizer/ folder")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     text = prompt
     if chat:
         if not getattr(tok, "chat_template", None):

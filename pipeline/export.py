@@ -5,10 +5,14 @@ onnx.checker and used as is.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -25,29 +29,231 @@ SUPPORTED_TASKS = ("feature-extraction", "text-classification")
 
 
 def infer_task(config: dict) -> str:
-    for arch in config.get("architectures") or []:
+    archs = config.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:
         for suffix, task in _TASK_BY_ARCH_SUFFIX.items():
-            if arch.endswith(suffix):
+            if isinstance(arch, str) and arch.endswith(suffix):
                 return task
     return "feature-extraction"
 
 
+# config.json keys edgeq reads itself, with the JSON types they must have (null: as if absent)
+_CONFIG_TYPES = {"architectures": (list, "a list of class names"), "model_type": (str, "a string"),
+                 "is_encoder_decoder": (bool, "true or false"), "max_position_embeddings": (int, "an integer")}
+
+
 def read_hf_config(model_dir: Path) -> dict:
+    """A model folder's config.json, as a user error when it is missing, not a JSON object, or one
+    of the keys edgeq reads has the wrong type (`"architectures": 5` would otherwise surface as a
+    TypeError deep in the build)."""
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    return read_json_object(cfg)
+    data = read_json_object(cfg)
+    for key, (typ, what) in _CONFIG_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong = not isinstance(value, typ) or (typ is int and isinstance(value, bool))
+        if key == "architectures" and not wrong:
+            wrong = not all(isinstance(a, str) for a in value)
+        if key == "max_position_embeddings" and not wrong:
+            wrong, what = value < 1, "a positive integer"
+        if wrong:
+            raise EdgeqError(f"{cfg}: '{key}' must be {what}, got {_show_json(value)}")
+    return data
+
+
+def _show_json(value) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_onnx(path: Path) -> None:
-    """onnx.checker on a path (so models with external data and >2 GB work), as a user error."""
+    """A given .onnx, as a user error if it is not a valid model. First its external data, read
+    from the protobuf alone: every location must name a file inside the model's folder, and the
+    byte ranges must lie inside those files; nothing outside the folder is opened. Then onnx.checker
+    on the path (so models with external data and >2 GB work)."""
     import onnx
 
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError for a damaged protobuf, OSError...
+        why = _first_line(e) if str(e).strip() else type(e).__name__
+        raise EdgeqError(f"{path} is not a valid ONNX model: {why}") from None
+    check_external_data(path, proto)
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises ValidationError, DecodeError, OSError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
+
+
+def _tensors(graph) -> Iterator:
+    """Every TensorProto of a graph or function that may hold data: initializers, sparse
+    initializers (values and indices), tensor attributes, and the same in every subgraph."""
+    for t in getattr(graph, "initializer", ()):
+        yield t
+    for sp in getattr(graph, "sparse_initializer", ()):
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield sp.values
+                yield sp.indices
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def model_tensors(proto) -> Iterator:
+    """Every tensor of a model that may hold data (its graph's, and its functions')."""
+    yield from _tensors(proto.graph)
+    for f in proto.functions:
+        yield from _tensors(f)
+
+
+def _fixed_nbytes(tensor) -> int | None:
+    """Bytes of a tensor's data when its element type has a whole-byte size (None: strings, packed
+    sub-byte types, unknown types)."""
+    from onnx import TensorProto, helper
+
+    try:
+        if TensorProto.DataType.Name(tensor.data_type) in _NOT_WHOLE_BYTES:
+            return None
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:  # undefined or unknown type, or one numpy lacks
+        return None
+    n = 1
+    for d in tensor.dims:
+        if d < 0:
+            return None
+        n *= d
+    return n * itemsize
+
+
+_NOT_WHOLE_BYTES = {"UNDEFINED", "STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"}
+
+
+def check_external_data(model_path: Path, proto) -> list[Path]:
+    """The external-data files of a model (each once), after checking every reference: its
+    location a relative path without '..' that resolves (symlinks followed) to a regular file inside
+    the model's folder, its offset and length numbers within that file. A user error otherwise."""
+    from onnx import TensorProto
+
+    root = model_path.parent.resolve()
+    files: dict[str, Path] = {}
+    for t in model_tensors(proto):
+        if t.data_location != TensorProto.EXTERNAL:  # what neither onnx nor ONNX Runtime reads from a file
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"{model_path}: tensor {t.name!r}: external data location {loc!r}"
+        if not loc:
+            raise EdgeqError(f"{model_path}: tensor {t.name!r} uses external data but names no location")
+        parts = re.split(r"[\\/]", loc)
+        if (loc.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", loc) or ".." in parts or "\0" in loc):
+            raise EdgeqError(f"{where} is outside the model's folder (only relative paths inside it are read)")
+        target = root / loc
+        try:
+            real = target.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a bad name
+            raise EdgeqError(f"{where} cannot be resolved") from None
+        if not real.is_relative_to(root):
+            raise EdgeqError(f"{where} is outside the model's folder (a symlink to {real})")
+        try:
+            st = real.stat()
+        except OSError as e:  # missing, a name too long, no permission...
+            why = "external data file missing" if isinstance(e, FileNotFoundError) else e.strerror
+            raise EdgeqError(f"{where}: {why}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EdgeqError(f"{where}: not a regular file")
+        size = st.st_size
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else None
+        except ValueError:
+            raise EdgeqError(f"{where}: offset/length are not integers") from None
+        expected = _fixed_nbytes(t)
+        if offset < 0 or (length is not None and length < 0):
+            raise EdgeqError(f"{where}: negative offset or length")
+        if length is not None and expected is not None and length != expected:
+            raise EdgeqError(f"{where}: length {length} bytes, but a tensor of its type and shape has {expected}")
+        needed = length if length is not None else expected or 0
+        if offset + needed > size:
+            raise EdgeqError(f"{where}: bytes {offset}..{offset + needed} lie beyond the end of the file "
+                             f"({size} bytes)")
+        files.setdefault(str(real), target)
+    return list(files.values())
+
+
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                 "feature_extractor_config.json", "image_processor_config.json")
+_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def check_model_safety(model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False, *,
+                       tokenizer_only: bool = False) -> None:
+    """Refuse, before anything loads it, a Hugging Face folder that would run code from the folder:
+    a config naming custom Python classes (auto_map: transformers imports the folder's .py files
+    with trust_remote_code) unless `trust_remote_code`; pickle-based weights (pytorch_model.bin,
+    .pt, .pth, .ckpt, .pkl: unpickling can run code) when no safetensors weights are there to load
+    instead, unless `allow_pickle`. `tokenizer_only`: the folder only lends its tokenizer (an .onnx
+    model's, --tokenizer): only code the tokenizer would run counts, and weights are not read."""
+    model_dir = Path(model_dir)
+    if not trust_remote_code:
+        for name in _CODE_CONFIGS:
+            f = model_dir / name
+            if not f.is_file() or (tokenizer_only and name not in ("config.json", "tokenizer_config.json")):
+                continue
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # unreadable or invalid: transformers cannot use it either
+                continue
+            if not isinstance(data, dict):
+                continue
+            for key in _CODE_KEYS:
+                value = data.get(key)
+                if tokenizer_only and name == "config.json":  # the model's classes are not loaded
+                    value = value.get("AutoTokenizer") if key == "auto_map" and isinstance(value, dict) else None
+                if value:
+                    code = _code_refs(value)
+                    raise EdgeqError(f"{f}: '{key}' names custom code{f' ({code})' if code else ''} that "
+                                     "transformers would import and run; pass --trust-remote-code if you trust it")
+    if not allow_pickle and not tokenizer_only and not _has_safetensors(model_dir):
+        pickles = sorted({p.name for pat in _PICKLE_WEIGHTS for p in model_dir.glob(pat) if p.is_file()})
+        if pickles:
+            raise EdgeqError(f"{model_dir / pickles[0]}: pickle-based weights (loading them can run code) and no "
+                             ".safetensors weights beside them; pass --allow-pickle if you trust them")
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    return (any(p.is_file() for p in model_dir.glob("*.safetensors"))
+            or (model_dir / "model.safetensors.index.json").is_file())
+
+
+def _code_refs(value) -> str:
+    """The class references of an auto_map, for the message: 'modeling_x.MyModel, ...'."""
+    refs: list[str] = []
+
+    def walk(v):
+        if isinstance(v, str):
+            refs.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(value)
+    text = ", ".join(dict.fromkeys(" ".join(r.split()) for r in refs if r.strip()))
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def run(ctx: BuildContext) -> StageResult:
@@ -154,7 +360,8 @@ def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
     _save_tokenizer(ctx, Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else model_dir, required=True)
     try:
         with _quiet_libraries():
-            causal_lm.export(model_dir, out_dir, ctx.target.opset)
+            causal_lm.export(model_dir, out_dir, ctx.target.opset,
+                             trust_remote_code=bool(ctx.config.get("trust_remote_code", False)))
     except Exception as e:
         raise EdgeqError(f"cannot export {src.name}: {type(e).__name__}: {_first_line(e)}") from None
     for f in ("config.json", "generation_config.json"):
@@ -162,7 +369,8 @@ def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
             shutil.copyfile(model_dir / f, ctx.path(f))
     with _quiet_libraries():
         check = causal_lm.validate(model_dir, out_dir / "model.onnx", ctx.facts["tokenizer"],
-                                   read_texts(default_eval_path(), limit=4, what="evaluation"))
+                                   read_texts(default_eval_path(), limit=4, what="evaluation"),
+                                   trust_remote_code=bool(ctx.config.get("trust_remote_code", False)))
     atol = float(ctx.config.get("export_atol", 1e-3)) * 10  # logits of a 50k vocabulary, not hidden states
     if check["max_abs_diff"] > atol:
         raise EdgeqError(f"export validation failed: ONNX logits differ from PyTorch by {check['max_abs_diff']:.2e} "
@@ -178,12 +386,9 @@ def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
 
 def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
     src = ctx.model_path
-    check_onnx(src)
-    root = src.parent.resolve()
+    check_onnx(src)  # every external-data location is a file inside src's folder
     for f in onnx_files(src):  # the .onnx plus its external-data files, at the same relative paths
-        rel = f.resolve().relative_to(root) if f.resolve().is_relative_to(root) else None
-        if rel is None:
-            raise EdgeqError(f"{src}: external data location {f} is outside the model's folder")
+        rel = f.relative_to(src.parent)
         if not f.is_file():
             raise EdgeqError(f"{src}: external data file missing: {rel}")
         dst = out_dir / ("model.onnx" if f == src else rel)
@@ -209,8 +414,10 @@ def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
 def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:
     from transformers import AutoTokenizer
 
+    trust = bool(ctx.config.get("trust_remote_code", False))
+    check_model_safety(model_dir, trust_remote_code=trust, tokenizer_only=True)  # a tokenizer's own code
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust)
     except Exception as e:
         if required:
             raise EdgeqError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {_first_line(e)}") from None
@@ -238,7 +445,8 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
         with _quiet_libraries():
             main_export(
                 str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
-                do_validation=False, local_files_only=True, trust_remote_code=False, device="cpu",
+                do_validation=False, local_files_only=True, device="cpu",
+                trust_remote_code=bool(ctx.config.get("trust_remote_code", False)),
             )
     except Exception as e:
         # The exporter raises whatever the model's files provoke (truncated weights: SafetensorError,
@@ -295,7 +503,8 @@ def _validate_against_torch(ctx: BuildContext, model_dir: Path, onnx_path: Path,
     from edgeq.calib import default_eval_path, read_texts
 
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
-    model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False).eval()
+    model = cls.from_pretrained(str(model_dir), local_files_only=True,
+                                trust_remote_code=bool(ctx.config.get("trust_remote_code", False))).eval()
     texts = read_texts(default_eval_path(), limit=8, what="evaluation")
     enc = ctx.facts["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

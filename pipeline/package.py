@@ -13,7 +13,8 @@ def file_records(ctx: BuildContext) -> list[dict]:
     records = []
     for p in sorted(ctx.build_dir.rglob("*")):
         rel = p.relative_to(ctx.build_dir).as_posix()
-        if p.is_file() and rel != Files.MANIFEST and not p.name.startswith("."):
+        # hidden names (the build's checkpoints, temp files) are bookkeeping, not part of the build
+        if p.is_file() and rel != Files.MANIFEST and not any(part.startswith(".") for part in rel.split("/")):
             records.append({"path": rel, "sha256": sha256_file(p), "size_bytes": p.stat().st_size})
     return records
 

@@ -96,3 +96,11 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+def disk_manifest(path) -> dict:
+    """A manifest.json as readers see it: edgeq.core.load_manifest puts the volatile values that the
+    file keeps in its "run" section back in place."""
+    from edgeq.core import load_manifest
+
+    return load_manifest(Path(path).parent)

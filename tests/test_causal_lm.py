@@ -9,7 +9,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_build
+from conftest import disk_manifest, run_build
 from edgeq.core import EdgeqError
 
 
@@ -133,7 +133,10 @@ def test_language_model_user_errors(tiny_llama, tmp_path):
     with pytest.raises(EdgeqError, match="--block-size must be one of"):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), block_size=48)
     with pytest.raises(EdgeqError, match="mode hybrid is not built"):
-        resolve_config(model=str(tiny_llama), out=str(tmp_path), max_accuracy_drop=0.01)
+        resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("hybrid",))
+    # for a causal LM --max-accuracy-drop is a gate only (relative perplexity), not a hybrid build
+    cfg = resolve_config(model=str(tiny_llama), out=str(tmp_path), max_accuracy_drop=0.05)
+    assert "hybrid" not in cfg["modes"] and cfg["gates"]["max_accuracy_drop"] == 0.05
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     cfg = resolve_config(model=str(bad), out=str(tmp_path / "o"))
@@ -148,7 +151,7 @@ def test_manifest_records_the_int4_recipe(llama_build):
     q = next(s for s in llama_build["stages"] if s["stage"] == "quantize")
     assert q["settings"]["int4"]["block_size"] == 16 and q["settings"]["int4"]["accuracy_level"] == 4
     assert q["metrics"]["int4"]["MatMulNBits"] >= 14  # 2 layers x 7 projections + lm_head
-    on_disk = json.loads((_dir(llama_build) / "manifest.json").read_text())
+    on_disk = disk_manifest(_dir(llama_build) / "manifest.json")
     assert on_disk["artifacts"][2]["recipe"]["mode"] == "int4"
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import disk_manifest
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,7 +40,7 @@ def test_static_int8_keeps_fidelity(minilm_build):
 
 
 def test_export_matches_pytorch(minilm_build):
-    m = json.loads(Path(minilm_build["manifest"]).read_text())
+    m = disk_manifest(Path(minilm_build["manifest"]))
     export = m["stages"][0]
     assert export["metrics"]["max_abs_diff"] < 1e-4
     assert m["model"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import disk_manifest
+
 pytestmark = pytest.mark.slow
 
 
@@ -37,7 +39,7 @@ def smollm2(tmp_path_factory):
     r = _edgeq("build", str(gguf), "--target", "x86_64", "--eval", str(root / "heldout.txt"), "--max-length", "192",
                "--seq-len", "64", "--new-tokens", "32", "--runs", "3", "-o", str(root / "out"), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout), json.loads((Path(json.loads(r.stdout)["manifest"])).read_text())
+    return json.loads(r.stdout), disk_manifest(Path(json.loads(r.stdout)["manifest"]))
 
 
 def test_smollm2_int4_is_small_and_close_to_fp32(smollm2):
@@ -71,7 +73,7 @@ def efficientnet(tmp_path_factory):
     r = _edgeq("build", "edgeq.zoo:efficientnet_lite0", "--target", "x86_64", "--calib", str(root / "photos"),
                "--max-accuracy-drop", "0.003", "--runs", "50", "-o", str(root / "out"), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads((Path(json.loads(r.stdout)["manifest"])).read_text())
+    return disk_manifest(Path(json.loads(r.stdout)["manifest"]))
 
 
 def test_efficientnet_static_int8_agrees_with_fp32(efficientnet):

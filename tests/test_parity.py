@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import disk_manifest
+
 from edgeq.core import EdgeqError
 from edgeq.pipeline import parity
 from test_cli import assert_user_error
@@ -203,7 +205,7 @@ def test_no_emulator_is_a_one_line_error_saying_why(tiny_cls_build, tmp_path):
     new = fake_bin(tmp_path / "new")
     r = run_edgeq("parity", str(build), *cache, env={"PATH": str(new)})
     assert_user_error(r, "mmdebstrap (makes the Debian arm64 userland) not found")
-    assert "parity" not in json.loads((build / "manifest.json").read_text())
+    assert "parity" not in disk_manifest(build / "manifest.json")
 
 
 def test_unreachable_mirror_and_install_without_root(tmp_path, monkeypatch):
@@ -251,14 +253,14 @@ def test_parity_records_pass_and_fail_in_the_manifest(fake_emulator, tiny_cls_bu
     assert rec["onnxruntime"]["native"] == rec["onnxruntime"]["emulated"]
     assert len(rec["inputs"]["samples"]) == 4 and rec["seconds"]["emulated"] > 0
     assert "int8-static" in r.stderr and "arm64 parity passed" in r.stderr  # the table
-    assert json.loads((build / "manifest.json").read_text())["parity"]["arm64"] == rec
+    assert disk_manifest(build / "manifest.json")["parity"]["arm64"] == rec
     # Outputs that differ on the "device": exit 3, the table says why, the manifest records it.
     emu.python.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'perturb.py'} \"$@\"\n")
     (tmp_path / "perturb.py").write_text(PERTURB)
     r = run_edgeq("parity", str(build), "--cache-dir", str(cache), env={"PATH": str(bin_dir)})
     assert r.returncode == parity.EXIT_PARITY_FAILED, r.stderr
     assert "FAIL: max abs diff 0.001 > 1e-05" in r.stdout and "arm64 parity failed" in r.stdout
-    assert json.loads((build / "manifest.json").read_text())["parity"]["arm64"]["status"] == "failed"
+    assert disk_manifest(build / "manifest.json")["parity"]["arm64"]["status"] == "failed"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -283,4 +285,4 @@ def test_parity_under_qemu(tiny_cls_build, tmp_path):
     for name in ("int8-static", "int8-dynamic"):
         a = rec["artifacts"][name]
         assert a["verdict"] == "pass" and a["max_abs_diff"] <= a["tolerance"]["max_abs_diff"], a
-    assert json.loads((build / "manifest.json").read_text())["parity"]["arm64"]["status"] == "passed"
+    assert disk_manifest(build / "manifest.json")["parity"]["arm64"]["status"] == "passed"

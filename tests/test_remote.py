@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import disk_manifest
+
 SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 RUNS = ["--runs", "3", "--warmup", "1", "--threads", "1"]  # the machine is shared: keep it light
@@ -142,7 +144,7 @@ def test_bench_over_ssh_records_device_numbers(sshd, tiny_build, build_copy, tmp
     key = f"{sshd.user}@127.0.0.1:{sshd.port}"
     assert "int8-dynamic" in r.stdout and "speedup" in r.stdout and f"remote_benchmarks['{key}']" in r.stdout
 
-    manifest = json.loads((build_copy / "manifest.json").read_text())
+    manifest = disk_manifest(build_copy / "manifest.json")
     rec = manifest["remote_benchmarks"][key]
     assert rec["host"] == key
     names = [a["name"] for a in manifest["artifacts"]]
@@ -169,7 +171,7 @@ def test_bench_over_ssh_records_device_numbers(sshd, tiny_build, build_copy, tmp
     # the temporary directory on the device is gone, and nothing else was left there
     assert list(device_tmp.iterdir()) == []
     # the rest of the manifest is as the build wrote it
-    original = json.loads((Path(tiny_build["build_dir"]) / "manifest.json").read_text())
+    original = disk_manifest(Path(tiny_build["build_dir"]) / "manifest.json")
     assert {k: v for k, v in manifest.items() if k != "remote_benchmarks"} == original
 
 
@@ -178,7 +180,7 @@ def test_bench_json_and_default_temp_dir(sshd, build_copy):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # exactly one JSON object on stdout; the table goes to stderr
     assert "int8-dynamic" in r.stderr and "p50 ms" in r.stderr
-    manifest = json.loads((build_copy / "manifest.json").read_text())
+    manifest = disk_manifest(build_copy / "manifest.json")
     assert out["manifest"] == str((build_copy / "manifest.json").resolve())
     assert {k: v for k, v in out.items() if k not in ("build_dir", "manifest", "remote_dir")} == \
         manifest["remote_benchmarks"][out["host"]]
@@ -189,7 +191,7 @@ def test_bench_json_and_default_temp_dir(sshd, build_copy):
 def test_unreachable_port_is_one_line(sshd, build_copy):
     r = edgeq("bench", str(build_copy), *sshd.args(port=_free_port()), "--python", sys.executable, *RUNS)
     assert_one_line_error(r, "cannot reach", "Connection refused")
-    assert "remote_benchmarks" not in json.loads((build_copy / "manifest.json").read_text())
+    assert "remote_benchmarks" not in disk_manifest(build_copy / "manifest.json")
 
 
 def test_authentication_failure_is_one_line(sshd, build_copy):
@@ -238,7 +240,7 @@ def test_runner_failure_on_device_cleans_up(sshd, build_copy, tmp_path):
               "--remote-dir", str(device_tmp))
     assert_one_line_error(r, "NoSuchOperator")
     assert list(device_tmp.iterdir()) == []
-    assert "remote_benchmarks" not in json.loads((build_copy / "manifest.json").read_text())
+    assert "remote_benchmarks" not in disk_manifest(build_copy / "manifest.json")
 
 
 def test_not_a_build_dir(tmp_path):

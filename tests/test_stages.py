@@ -8,6 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import disk_manifest
+
 from edgeq.core import EdgeqError, sha256_file
 
 
@@ -296,7 +298,7 @@ def test_manifest_checksums_every_file(tiny_build):
 
 def test_manifest_on_disk_is_the_returned_one(tiny_build):
     b = _bdir(tiny_build)
-    disk = json.loads((b / "manifest.json").read_text())
+    disk = disk_manifest(b / "manifest.json")
     assert disk["schema"] == "edgeq.manifest/1"
     assert disk["artifacts"] == tiny_build["artifacts"]
     assert [s["stage"] for s in disk["stages"]] == ["export", "optimize", "calibrate", "quantize", "precision",
