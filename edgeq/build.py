@@ -705,7 +705,9 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"model": manifest["model"]["name"], "target": manifest["target"]["name"],
             "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
             "build_seconds": manifest["build_seconds"], "artifacts": arts,
-            "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", [])}
+            "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", []),
+            **({"gates": {k: manifest["gates"][k] for k in ("passed", "passing", "limits", "failed")}}
+               if manifest.get("gates") else {})}
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

@@ -87,9 +87,11 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, fragment):
 
 def test_failed_gate_has_its_own_exit_code_and_still_writes_the_build(tiny_bert, tmp_path):
     r = edgeq("build", tiny_bert, "-o", tmp_path, "-m", "dynamic", "-m", "static", *FAST,
-              "--min-speedup", "1000", "--max-size-mb", "1000")
+              "--min-speedup", "1000", "--max-size-mb", "1000", "--json")
     last = one_line_error(r, code=3)
     assert last.startswith("edgeq: gate failed:") and "min_speedup" in last
+    summary = json.loads(r.stdout)  # --json still prints its one object, with the gate result
+    assert summary["gates"]["passed"] is False and summary["gates"]["failed"]
     build_dir = tmp_path / "tiny-bert" / "x86_64"
     from edgeq.core import load_manifest
 
