@@ -33,6 +33,39 @@ def fusion_plan(hf_config: dict) -> dict:
     return {}
 
 
+def unfuse_skip_layernorm(path: Path) -> int:
+    """Rewrite com.microsoft SkipLayerNormalization(x, skip, gamma[, beta[, bias]]) as
+    Sum(x, skip[, bias]) -> LayerNormalization(gamma[, beta]) in the model at `path`; returns how
+    many. Not done where the node's mean/inverse-std outputs are read. Sum rather than Add: ONNX
+    Runtime's SkipLayerNormFusion matches Add + LayerNormalization and would fuse it back at load
+    time. Written by hand because no library offers the reverse of a fusion."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
+        return 0  # LayerNormalization is an ONNX op from opset 17 on
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    nodes, count = [], 0
+    for n in model.graph.node:
+        if (n.op_type != "SkipLayerNormalization" or n.domain != "com.microsoft"
+                or any(o and o in used for o in n.output[1:3])):
+            nodes.append(n)
+            continue
+        x, skip, gamma, beta, bias = (list(n.input) + [""] * 5)[:5]
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)
+        summed = n.output[3] if len(n.output) > 3 and n.output[3] else f"{n.name}/sum_output"
+        nodes.append(helper.make_node("Sum", [x, skip] + ([bias] if bias else []), [summed], name=f"{n.name}/Sum"))
+        nodes.append(helper.make_node("LayerNormalization", [summed, gamma] + ([beta] if beta else []),
+                                      [n.output[0]], name=f"{n.name}/LayerNorm", axis=-1, epsilon=eps))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return count
+
+
 def op_histogram(model) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
 
@@ -62,6 +95,11 @@ def run(ctx: BuildContext) -> StageResult:
             notes.append("onnxruntime.transformers fusions failed; continuing with the unfused graph")
             fused_ops = {}
             fused = src
+        elif not ctx.target.fused_skip_layernorm and fused_ops.get("SkipLayerNormalization") and not large:
+            n = unfuse_skip_layernorm(fused)
+            if n:
+                notes.append(f"{n} SkipLayerNormalization written back as Sum + LayerNormalization (the faster "
+                             f"kernels on {ctx.target.name}; see the target profile)")
     else:
         notes.append("no onnxruntime.transformers fusions for " + (
             "an image model" if ctx.config.get("family") == "vision"

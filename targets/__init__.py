@@ -91,6 +91,9 @@ class Target:
     package: dict[str, Any] = field(default_factory=dict)
     # Static int8 of image models (CNNs): other ops, and often other types, than transformers.
     static_vision: StaticRecipe = field(default_factory=lambda: VISION_DEFAULT)
+    # Keep onnxruntime.transformers' fused SkipLayerNormalization, or write it back as Sum +
+    # LayerNormalization where ONNX Runtime's CPU kernel for the fused op is the slower one.
+    fused_skip_layernorm: bool = True
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):

@@ -59,7 +59,36 @@ def test_optimize_fuses_transformer_blocks(tiny_build):
     assert m["nodes_after"] < m["nodes_before"] / 3
     ops = _ops(_bdir(tiny_build) / "model.fp32.onnx")
     assert ops["Attention"] == 2 and ops["MatMul"] == 6
+    # x86_64 writes SkipLayerNormalization back as Sum + LayerNormalization (ORT's faster CPU kernels)
+    assert ops["LayerNormalization"] == 4 and ops["Sum"] == 4 and "SkipLayerNormalization" not in ops
+    assert any("Sum + LayerNormalization" in n for n in m["notes"])
     onnx.checker.check_model(str(_bdir(tiny_build) / "model.fp32.onnx"))
+
+
+def test_unfused_skip_layernorm_computes_the_same_and_is_not_fused_back(tiny_build, tmp_path):
+    """The rewrite is exact up to float rounding, and ONNX Runtime's optimizer (which fuses
+    Add + LayerNormalization) leaves Sum + LayerNormalization alone."""
+    import shutil
+
+    from edgeq.pipeline.optimize import _fuse, unfuse_skip_layernorm
+
+    fused = tmp_path / "fused.onnx"  # onnxruntime.transformers' fused graph, before the rewrite
+    _fuse(_bdir(tiny_build) / "work/export/model.onnx", fused, {"model_type": "bert", "num_heads": 2, "hidden_size": 32},
+          False)
+    assert _ops(fused)["SkipLayerNormalization"] == 4
+    ours = tmp_path / "m.onnx"
+    shutil.copyfile(fused, ours)
+    assert unfuse_skip_layernorm(ours) == 4
+    z = dict(np.load(_bdir(tiny_build) / "work/bench_inputs.npz"))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "as-run.onnx")
+    outs = []
+    for path, opts in ((fused, None), (ours, so)):
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {i.name: z[i.name] for i in sess.get_inputs()})[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    as_run = _ops(tmp_path / "as-run.onnx")
+    assert as_run.get("LayerNormalization") == 4 and "SkipLayerNormalization" not in as_run
 
 
 def test_fusion_plan():
@@ -491,7 +520,8 @@ def test_ranges_reused_across_targets_that_differ_only_in_quantization(tiny_bert
     assert _stage(a, "calibrate")["reused"] is False and _stage(b, "calibrate")["reused"] is True
     ra, rb = (Path(m["build_dir"]) / "calibration/ranges-minmax.json" for m in (a, b))
     assert ra.read_bytes() == rb.read_bytes()
-    c = run_build(tiny_bert, tmp_path, target="arm64", modes=("static",))  # int8 activations: same ranges
-    assert _stage(c, "calibrate")["reused"] is True
+    # arm64 keeps the fused SkipLayerNormalization (x86_64 doesn't): another fp32 graph, its own ranges
+    c = run_build(tiny_bert, tmp_path, target="arm64", modes=("static",))
+    assert _stage(c, "calibrate")["reused"] is False
     d = run_build(tiny_bert, tmp_path, target="tensorrt", modes=("static",))  # symmetric, entropy: its own
     assert _stage(d, "calibrate")["reused"] is False
