@@ -10,11 +10,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MANIFEST_SCHEMA = "edgeq.manifest/1"
 
@@ -120,46 +121,67 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _tensors(graph) -> Iterator:
+    """Every TensorProto of a graph or function that may hold data: initializers, sparse
+    initializers (values and indices), tensor attributes, and the same in every subgraph."""
+    yield from getattr(graph, "initializer", ())
+    for sp in getattr(graph, "sparse_initializer", ()):
+        yield from (sp.values, sp.indices)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield from (sp.values, sp.indices)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def model_tensors(proto) -> Iterator:
+    """Every tensor of a model that may hold data (its graph's, and its functions')."""
+    yield from _tensors(proto.graph)
+    for f in proto.functions:
+        yield from _tensors(f)
+
+
+def external_location(root: Path, location: str) -> tuple[Path | None, str | None]:
+    """(the resolved file, None) for an external-data location that names a path inside `root` (a
+    resolved folder), else (None, why not): absolute, drive-letter, '..' or NUL in it, unresolvable,
+    or a symlink out."""
+    if (not location or location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location) or "\0" in location
+            or ".." in re.split(r"[\\/]", location)):
+        return None, "is outside the model's folder (only relative paths inside it are read)"
+    try:
+        real = (root / location).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a bad name
+        return None, "cannot be resolved"
+    if not real.is_relative_to(root):
+        return None, f"is outside the model's folder (a symlink to {real})"
+    return real, None
+
+
 def onnx_files(model_path: Path) -> list[Path]:
     """The .onnx file and the external-data files it references (each once; they may not exist).
 
     Never a path outside the model's folder: callers size and copy these files, so a location that
-    is absolute, has a '..' component or resolves (through a symlink) outside the folder is a user
-    error. (pipeline.export.check_onnx checks a user's model fully, before anything reads it.)"""
-    import re
-
+    `external_location` refuses is a user error. (pipeline.export.check_onnx checks a user's model
+    fully, before anything reads it.)"""
     import onnx
-
-    def tensors(graph):  # initializers, sparse ones, tensor attributes; subgraphs too
-        yield from getattr(graph, "initializer", ())
-        for sp in getattr(graph, "sparse_initializer", ()):
-            yield from (sp.values, sp.indices)
-        for node in graph.node:
-            for a in node.attribute:
-                yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
-                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-                    yield from (sp.values, sp.indices)
-                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    yield from tensors(g)
 
     proto = onnx.load(str(model_path), load_external_data=False)
     root = model_path.parent.resolve()
     files, seen = [model_path], set()
-    for tensor in (t for g in (proto.graph, *proto.functions) for t in tensors(g)):
+    for tensor in model_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if location in seen:
             continue
         seen.add(location)
-        try:
-            inside = (bool(location) and not location.startswith(("/", "\\")) and "\0" not in location
-                      and ".." not in re.split(r"[\\/]", location)
-                      and (root / location).resolve().is_relative_to(root))
-        except (OSError, RuntimeError, ValueError):
-            inside = False
-        if not inside:
-            raise EdgeqError(f"{model_path}: external data location {location!r} is outside the model's folder")
+        _, problem = external_location(root, location)
+        if problem:
+            raise EdgeqError(f"{model_path}: external data location {location!r} {problem}")
         files.append(model_path.parent / location)
     return files
 

@@ -7,17 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import stat
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from edgeq.core import (
-    BuildContext, EdgeqError, Files, StageResult, atomic_write_json, onnx_files, read_json_object, sha256_file,
+    BuildContext, EdgeqError, Files, StageResult, atomic_write_json, external_location, model_tensors, onnx_files,
+    read_json_object, sha256_file,
 )
 
 # Architectures -> optimum task. Everything else in an encoder config exports as feature extraction.
@@ -90,33 +89,6 @@ def check_onnx(path: Path) -> None:
         raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
 
 
-def _tensors(graph) -> Iterator:
-    """Every TensorProto of a graph or function that may hold data: initializers, sparse
-    initializers (values and indices), tensor attributes, and the same in every subgraph."""
-    for t in getattr(graph, "initializer", ()):
-        yield t
-    for sp in getattr(graph, "sparse_initializer", ()):
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-                yield sp.values
-                yield sp.indices
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _tensors(g)
-
-
-def model_tensors(proto) -> Iterator:
-    """Every tensor of a model that may hold data (its graph's, and its functions')."""
-    yield from _tensors(proto.graph)
-    for f in proto.functions:
-        yield from _tensors(f)
-
-
 def _fixed_nbytes(tensor) -> int | None:
     """Bytes of a tensor's data when its element type has a whole-byte size (None: strings, packed
     sub-byte types, unknown types)."""
@@ -155,16 +127,9 @@ def check_external_data(model_path: Path, proto) -> list[Path]:
         where = f"{model_path}: tensor {t.name!r}: external data location {loc!r}"
         if not loc:
             raise EdgeqError(f"{model_path}: tensor {t.name!r} uses external data but names no location")
-        parts = re.split(r"[\\/]", loc)
-        if (loc.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", loc) or ".." in parts or "\0" in loc):
-            raise EdgeqError(f"{where} is outside the model's folder (only relative paths inside it are read)")
-        target = root / loc
-        try:
-            real = target.resolve()
-        except (OSError, RuntimeError, ValueError):  # a symlink loop, a bad name
-            raise EdgeqError(f"{where} cannot be resolved") from None
-        if not real.is_relative_to(root):
-            raise EdgeqError(f"{where} is outside the model's folder (a symlink to {real})")
+        real, problem = external_location(root, loc)
+        if problem:
+            raise EdgeqError(f"{where} {problem}")
         try:
             st = real.stat()
         except OSError as e:  # missing, a name too long, no permission...
@@ -187,7 +152,7 @@ def check_external_data(model_path: Path, proto) -> list[Path]:
         if offset + needed > size:
             raise EdgeqError(f"{where}: bytes {offset}..{offset + needed} lie beyond the end of the file "
                              f"({size} bytes)")
-        files.setdefault(str(real), target)
+        files.setdefault(str(real), root / loc)
     return list(files.values())
 
 
