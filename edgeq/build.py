@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from edgeq import __version__
 from edgeq.core import (
-    MANIFEST_SCHEMA, BuildContext, EdgeqError, Files, StageResult, _json_default, artifact_dict, atomic_write_json,
-    library_versions, machine_info, onnx_files, sha256_file, sha256_json, write_manifest,
+    MANIFEST_SCHEMA, BuildContext, EdgeqError, Files, Interrupted, StageResult, _json_default, artifact_dict,
+    atomic_write_json, library_versions, machine_info, onnx_files, sha256_file, sha256_json, write_manifest,
 )
 
 _HOST = "".join(c if c.isalnum() else "_" for c in platform.node())[:40] or "host"
@@ -425,7 +425,7 @@ def _build_locked(config, final: Path, partial: Path, log, fresh: bool, targets,
     except BaseException as e:
         if not (partial / CHECKPOINTS).is_dir():  # nothing finished: nothing worth keeping
             shutil.rmtree(partial, ignore_errors=True)
-        elif isinstance(e, (KeyboardInterrupt,)) or type(e).__name__ == "Interrupted":
+        elif isinstance(e, (KeyboardInterrupt, Interrupted)):
             log(f"interrupted: the finished stages are kept in {partial}; the same build resumes from them")
         raise
     manifest["build_dir"] = str(final)

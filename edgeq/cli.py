@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from edgeq.core import EdgeqError
+from edgeq.core import EdgeqError, Interrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -357,11 +357,6 @@ def report(paths, out_dir) -> None:
 
     result = write_report([Path(p) for p in paths], Path(out_dir) if out_dir else None)
     click.echo(f"wrote {result['html']} and {result['markdown']}")
-
-
-class Interrupted(BaseException):
-    """Raised by the SIGINT/SIGTERM handlers. Not KeyboardInterrupt: click would print a blank line
-    for that; a BaseException still unwinds every `finally` (the build removes its staging dir)."""
 
 
 @contextlib.contextmanager

@@ -20,6 +20,11 @@ from typing import Any, Callable, Iterator
 MANIFEST_SCHEMA = "edgeq.manifest/1"
 
 
+class Interrupted(BaseException):
+    """Raised by the CLI's SIGINT/SIGTERM handlers. Not KeyboardInterrupt: click would print a blank
+    line for that; a BaseException still unwinds every `finally`."""
+
+
 class EdgeqError(Exception):
     """An error the user can cause and fix (bad path, corrupt file, unknown target...).
 
@@ -338,10 +343,9 @@ def manifest_for_disk(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest as written: the stable content first, the volatile values under "run"."""
     merged = merge_volatile({k: v for k, v in manifest.items() if k != "run"}, manifest.get("run"))
     # the build's inputs are stable by definition (the config's benchmark settings are not timings)
-    inputs = {k: merged.pop(k) for k in _INPUT_SECTIONS if k in merged}
-    stable, vol = split_volatile(merged)
-    return {k: inputs[k] if k in inputs else stable[k] for k in manifest if k in inputs or k in stable} | {
-        k: v for k, v in stable.items() if k not in manifest} | {"run": vol or {}}
+    stable, vol = split_volatile({k: v for k, v in merged.items() if k not in _INPUT_SECTIONS})
+    return {k: merged[k] if k in _INPUT_SECTIONS else stable[k] for k in merged
+            if k in _INPUT_SECTIONS or k in stable} | {"run": vol or {}}
 
 
 def stable_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
