@@ -377,6 +377,8 @@ def _build_locked(config, final: Path, partial: Path, log, fresh: bool, targets,
     try:
         # Library code prints progress to stdout; stdout belongs to `--json`.
         with contextlib.redirect_stdout(sys.stderr):
+            from edgeq.pipeline.smooth import wanted as smooth_wanted
+
             for i, stage in enumerate(STAGES, 1):
                 if i <= len(records):
                     if "seconds" in records[i - 1]:
@@ -384,7 +386,7 @@ def _build_locked(config, final: Path, partial: Path, log, fresh: bool, targets,
                         records[i - 1] = {**records[i - 1], "resumed": True}
                     continue
                 modes = set(config["modes"])
-                skip = {"calibrate": not {"static", "hybrid"} & modes,
+                skip = {"calibrate": not {"static", "hybrid"} & modes and not smooth_wanted(config, ctx.target),
                         "quantize": not {"static", "dynamic", "int4"} & modes,
                         "precision": not {"fp16", "hybrid"} & modes}.get(stage)
                 if skip:

@@ -282,7 +282,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 _VOLATILE_KEYS = frozenset({
     "created_utc", "build_seconds", "build_dir", "machine", "host_machine", "seconds", "reused", "benchmark",
     "execution_providers", "primary_provider", "throughput_per_s", "peak_rss_mb", "speedup_vs_fp32",
-    "ep_coverage", "notes", "gates", "parity", "remote_benchmarks", "resumed", "cache",
+    "ep_coverage", "notes", "gates", "parity", "remote_benchmarks", "resumed", "cache", "op_profile",
 })
 _VOLATILE_SUFFIXES = ("_ms", "_per_s", "_seconds")
 _LIST_IDS = ("name", "stage", "step", "node")

@@ -33,10 +33,9 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def partition(model: str, feeds: dict, provider: str, so_factory) -> dict:
-    """Which execution provider runs each node of the graph as ONNX Runtime partitioned it (after
-    its graph optimizations), read from one profiled run. `coverage` is the share of nodes the
-    requested provider runs itself; the rest fell back (usually to the CPU EP)."""
+def _profile_events(model: str, feeds: dict, provider: str, so_factory, warmup: int, runs: int):
+    """ONNX Runtime's own trace of `warmup` + `runs` runs of one session: the events of the last
+    `runs` model runs (kernel events inside their time windows) and those runs' durations in us."""
     import os
     import tempfile
 
@@ -47,13 +46,25 @@ def partition(model: str, feeds: dict, provider: str, so_factory) -> dict:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "p")
         sess = ort.InferenceSession(model, so, providers=[provider])
-        sess.run(None, feeds)
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[-runs:]
+    start = windows[0][0] if windows else 0
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+             and e.get("ts", 0) >= start]
+    return nodes, [b - a for a, b in windows]
+
+
+def partition(nodes: list, provider: str) -> dict:
+    """Which execution provider runs each node of the graph as ONNX Runtime partitioned it (after
+    its graph optimizations), read from a profiled run. `coverage` is the share of nodes the
+    requested provider runs itself; the rest fell back (usually to the CPU EP)."""
     placed = {}
-    for e in events:
+    for e in nodes:
         args = e.get("args") or {}
-        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+        if "provider" in args:
             placed[e["name"][: -len("_kernel_time")]] = (args["provider"], args.get("op_name", "?"))
     by_provider, fallback_ops = {}, {}
     for prov, op in placed.values():
@@ -64,6 +75,35 @@ def partition(model: str, feeds: dict, provider: str, so_factory) -> dict:
     return {"nodes": total, "by_provider": by_provider,
             "coverage": round(by_provider.get(provider, 0) / total, 4) if total else None,
             "fallback_ops": dict(sorted(fallback_ops.items(), key=lambda kv: -kv[1]))}
+
+
+def op_profile(nodes: list, run_us: list, top: int = 8) -> dict:
+    """Where one run's time goes: kernel time per operator type (and the slowest nodes), averaged
+    over the profiled runs, from ONNX Runtime's trace of the graph it actually ran (after its own
+    fusions, so the op types are the kernels that ran, e.g. QAttention, not the file's nodes).
+    `other_ms` is the run time no kernel accounts for: the executor, memory planning and, with
+    threads, the gaps between kernels."""
+    runs = max(1, len(run_us))
+    ops, per_node = {}, {}
+    for e in nodes:
+        args = e.get("args") or {}
+        op = args.get("op_name", "?")
+        name = e["name"][: -len("_kernel_time")]
+        o = ops.setdefault(op, {"op": op, "us": 0.0, "nodes": set(), "provider": args.get("provider")})
+        o["us"] += e.get("dur", 0)
+        o["nodes"].add(name)
+        per_node.setdefault((name, op), 0.0)
+        per_node[(name, op)] += e.get("dur", 0)
+    run_ms = sum(run_us) / runs / 1000
+    kernel_ms = sum(o["us"] for o in ops.values()) / runs / 1000
+    rows = [{"op": o["op"], "ms": round(o["us"] / runs / 1000, 4),
+             "share": round(o["us"] / runs / 1000 / run_ms, 4) if run_ms else None,
+             "nodes": len(o["nodes"]), "provider": o["provider"]}
+            for o in sorted(ops.values(), key=lambda o: -o["us"])]
+    slow = sorted(per_node.items(), key=lambda kv: -kv[1])[:top]
+    return {"runs": len(run_us), "run_ms": round(run_ms, 4), "kernel_ms": round(kernel_ms, 4),
+            "other_ms": round(max(0.0, run_ms - kernel_ms), 4), "ops": rows,
+            "slowest_nodes": [{"node": n, "op": op, "ms": round(us / runs / 1000, 4)} for (n, op), us in slow]}
 
 
 def _quantiles(times_ms) -> list:
@@ -162,8 +202,14 @@ def main(spec: dict) -> dict:
     out = {"results": results, "onnxruntime": ort.__version__, "rss_before_load_mb": round(rss_before, 1)}
     if len(sessions) == 1:
         out["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
-        if spec.get("partition"):
-            out["partition"] = partition(spec["models"][0], feeds[0], provider, session_options)
+        if spec.get("partition") or spec.get("profile_runs"):
+            prof_runs = int(spec.get("profile_runs") or 1)
+            nodes, run_us = _profile_events(spec["models"][0], feeds[0], provider, session_options,
+                                            warmup=2 if spec.get("profile_runs") else 0, runs=prof_runs)
+            if spec.get("partition"):
+                out["partition"] = partition(nodes, provider)
+            if spec.get("profile_runs"):
+                out["op_profile"] = op_profile(nodes, run_us)
     return out
 
 

@@ -70,6 +70,8 @@ def run(ctx: BuildContext) -> StageResult:
                 a.metrics[k] = r[k]
         if "partition" in r:
             a.metrics["ep_coverage"] = r["partition"]["coverage"]
+        if "op_profile" in r:
+            a.metrics["op_profile"] = r["op_profile"]
         if "decode_tokens_per_s" in r:  # causal LM: generation speed is what a user waits on
             a.metrics["speedup_vs_fp32"] = round(r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 3)
             a.metrics["prefill_speedup_vs_fp32"] = round(fp32["prefill_p50_ms"] / r["prefill_p50_ms"], 3)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, sha256_file, sha256_json
-from edgeq.pipeline import bias_correction
+from edgeq.pipeline import bias_correction, smooth
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
@@ -112,12 +112,14 @@ def run(ctx: BuildContext) -> StageResult:
         "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
         "method": method, "percentile": percentile if method == "percentile" else None,
         "op_types": op_types, "max_length": max_length, "symmetric": recipe.activation_symmetric,
-        "bias_correction": recipe.bias_correction,
+        "bias_correction": recipe.bias_correction, "absmax": smooth.wanted(cfg, ctx.target),
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
     means_path = means_file(ranges_path)
-    means_path.unlink(missing_ok=True)  # only this run's means may sit beside this run's ranges
+    absmax_path = smooth.absmax_file(ranges_path)
+    for p in (means_path, absmax_path):
+        p.unlink(missing_ok=True)  # only this run's statistics may sit beside this run's ranges
     # Shared by every build of this model under --out: a target that differs only in quantization
     # settings (types, per-channel, reduce_range, format) reuses the ranges.
     cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
@@ -127,13 +129,18 @@ def run(ctx: BuildContext) -> StageResult:
     try:
         meta = json.loads((cache / "meta.json").read_text())
         if meta.get("key") == key and (cache / "ranges.json").is_file() and (
-                not recipe.bias_correction or (cache / "means.npz").is_file()):
+                not recipe.bias_correction or (cache / "means.npz").is_file()) and (
+                not key["absmax"] or (cache / "absmax.npz").is_file()):
             ranges_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache / "ranges.json", ranges_path)
             if recipe.bias_correction:
                 shutil.copyfile(cache / "means.npz", means_path)
+            if key["absmax"]:
+                shutil.copyfile(cache / "absmax.npz", absmax_path)
             meta_path.write_text(json.dumps(meta, indent=2))
             ctx.facts["ranges_path"] = ranges_path
+            if key["absmax"]:
+                ctx.facts["absmax_path"] = absmax_path
             return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
                                metrics={**meta.get("metrics", {}), "cache": str(cache)})
     except (OSError, json.JSONDecodeError):
@@ -147,6 +154,13 @@ def run(ctx: BuildContext) -> StageResult:
     mean_names = set(bias_correction.correctable_inputs(model).values()) & set(names) \
         if recipe.bias_correction else set()
     means = bias_correction.MeanCollector()
+    # per-channel |max| of the inputs of the nodes SmoothQuant may smooth (pipeline/smooth.py)
+    smooth_inputs = smooth.smoothable(model) if key["absmax"] else {}
+    absmax = smooth.AbsMaxCollector()
+    by_tensor: dict[str, list[str]] = {}
+    for node, t in smooth_inputs.items():
+        by_tensor.setdefault(t, []).append(node)
+    names += [t for t in by_tensor if t not in names]
     have = {o.name for o in model.graph.output}
     for n in names:
         if n not in have:
@@ -171,6 +185,8 @@ def run(ctx: BuildContext) -> StageResult:
             collector.add(n, v)
             if n in mean_names:
                 means.add(n, v)
+            if n in by_tensor:
+                absmax.add(n, v)
         batches += 1
     ranges = collector.result()
     save_tensors_data(ranges, ranges_path)
@@ -178,11 +194,17 @@ def run(ctx: BuildContext) -> StageResult:
     if mean_names:
         np.savez(means_path, **means.result())
         metrics["input_means"] = len(mean_names)
+    if by_tensor:
+        per_tensor = absmax.result()
+        smooth.save_npz(absmax_path, {node: per_tensor[t] for t, nodes in by_tensor.items() for node in nodes})
+        metrics["smoothing_inputs"] = len(smooth_inputs)
     # no timings in the file: it is part of the build, whose bytes must not depend on the clock
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
                                                              if k != "collect_seconds"}}, indent=2))
-    _store(cache, ranges_path, meta_path, means_path)
+    _store(cache, ranges_path, meta_path, means_path, absmax_path)
     ctx.facts["ranges_path"] = ranges_path
+    if by_tensor:
+        ctx.facts["absmax_path"] = absmax_path
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
 
 
@@ -191,7 +213,7 @@ def means_file(ranges_path: Path) -> Path:
     return ranges_path.with_suffix(".means.npz")
 
 
-def _store(cache: Path, ranges_path: Path, meta_path: Path, means_path: Path) -> None:
+def _store(cache: Path, ranges_path: Path, meta_path: Path, means_path: Path, absmax_path: Path) -> None:
     """Publish ranges to the shared cache atomically: a directory renamed into place whole."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
@@ -200,6 +222,8 @@ def _store(cache: Path, ranges_path: Path, meta_path: Path, means_path: Path) ->
         shutil.copyfile(meta_path, tmp / "meta.json")
         if means_path.is_file():
             shutil.copyfile(means_path, tmp / "means.npz")
+        if absmax_path.is_file():
+            shutil.copyfile(absmax_path, tmp / "absmax.npz")
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)

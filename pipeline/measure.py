@@ -12,6 +12,7 @@ import numpy as np
 from edgeq.core import BuildContext, Files, run_json
 
 RUNNER = Path(__file__).with_name("bench_runner.py")
+PROFILE_RUNS = 20  # profiled runs per artifact (after 2 warm-up runs) for the per-operator time profile
 
 
 def run_runner(spec: dict, timeout: float = 900) -> dict:
@@ -21,8 +22,8 @@ def run_runner(spec: dict, timeout: float = 900) -> dict:
 def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,
             partition: bool = True, runner: Callable[[dict], dict] | None = None,
             new_tokens: int | None = None) -> list[dict] | str:
-    """Latency of all models interleaved in one process; load time, peak RSS and the provider's
-    partition of the graph for each in its own. Returns 'unavailable: <reason>' when the provider
+    """Latency of all models interleaved in one process; load time, peak RSS, the provider's
+    partition of the graph and a per-operator time profile for each in its own. Returns 'unavailable: <reason>' when the provider
     cannot run here."""
     run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (pipeline/remote.py)
     base = {"inputs": str(inputs), "provider": provider, "threads": threads}
@@ -31,7 +32,7 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
         partition = False
         warmup, light = min(warmup, 1), {"warmup": 1, "runs": 1}
     else:
-        light = {"warmup": 2, "runs": 3}
+        light = {"warmup": 2, "runs": 3, **({"profile_runs": PROFILE_RUNS} if partition else {})}
     lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
     if "unavailable" in lat:
         return f"unavailable: {lat['unavailable']}"
@@ -49,6 +50,8 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
             r["peak_rss_mb"] = mem["peak_rss_mb"]
             if "partition" in mem:
                 r["partition"] = mem["partition"]
+            if "op_profile" in mem:
+                r["op_profile"] = mem["op_profile"]
         out.append(r)
     return out
 

@@ -519,6 +519,84 @@ def latency_plot(build: Build) -> tuple[Svg | None, list[str]]:
     return svg, skipped
 
 
+PROFILE_TOP_OPS = 6
+
+
+def _op_profile(a: dict) -> dict | None:
+    p = _metrics(a).get("op_profile")
+    if not isinstance(p, dict) or _num(p.get("run_ms")) is None or not isinstance(p.get("ops"), list):
+        return None
+    return p
+
+
+def profile_segments(build: Build) -> tuple[list[str], list[tuple[str, float, list[tuple[str, float]]]]]:
+    """The op types shown (the PROFILE_TOP_OPS slowest across the build's artifacts, then "other
+    ops" and "between kernels") and, per profiled artifact, its run time and (segment, ms) list."""
+    totals: dict[str, float] = {}
+    profiles = [(str(a.get("name")), p) for a in build.artifacts if (p := _op_profile(a)) is not None]
+    for _, p in profiles:
+        for o in p["ops"]:
+            ms = _num(o.get("ms")) if isinstance(o, dict) else None
+            if ms is not None:
+                totals[str(o.get("op"))] = totals.get(str(o.get("op")), 0.0) + ms
+    top = [op for op, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP_OPS]]
+    segs = top + ["other ops", "between kernels"]
+    rows = []
+    for name, p in profiles:
+        by = {s: 0.0 for s in segs}
+        for o in p["ops"]:
+            ms = _num(o.get("ms")) if isinstance(o, dict) else None
+            if ms is not None:
+                by[str(o.get("op")) if str(o.get("op")) in top else "other ops"] += ms
+        by["between kernels"] = _num(p.get("other_ms")) or 0.0
+        rows.append((name, _num(p["run_ms"]), [(s, by[s]) for s in segs]))
+    return segs, rows
+
+
+def profile_plot(build: Build) -> Svg | None:
+    """One stacked bar per artifact: the kernel time of each op type in one run (ONNX Runtime's own
+    profiler, on the graph it ran after its fusions), so a user sees where the time goes and what
+    quantization changed."""
+    segs, rows = profile_segments(build)
+    if not rows:
+        return None
+    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(segs)}
+    colors["between kernels"] = "#dddddd"
+    W, left, right, top, row = 820, 170, 700, 40, 30
+    bottom = top + row * len(rows)
+    svg = Svg("profile", W, bottom + 60 + 18 * ((len(segs) + 2) // 3),
+              f"{build.label}: where one run's time goes, by operator", build.label)
+    svg.add("text", svg.title, x=10, y=20, fill="#111111", font_weight="bold")
+    xs = Scale([0.0] + [r[1] for r in rows], left, right, pad=0.0)
+    _x_axis(svg, xs, top, bottom, "time per run (ms), from ONNX Runtime's profiler")
+    for i, (name, run_ms, parts) in enumerate(rows):
+        cy = top + i * row + row / 2
+        svg.add("text", name, x=left - 8, y=cy + 4, text_anchor="end", fill="#222222", font_size=11)
+        x = 0.0
+        for seg, ms in parts:
+            if ms <= 0:
+                continue
+            svg.mark("rect", f"{name}: {seg} {ms:.3f} ms ({ms / run_ms:.0%} of {run_ms:.3f} ms)" if run_ms else
+                     f"{name}: {seg} {ms:.3f} ms", x=xs(x), y=cy - 10, width=max(xs(x + ms) - xs(x), 0.5), height=20,
+                     fill=colors[seg], stroke="#ffffff", stroke_width=0.5, data_artifact=name, data_op=seg,
+                     data_ms=f"{ms:.6g}")
+            x += ms
+        svg.add("text", f"{run_ms:.2f}", x=right + 8, y=cy + 4, fill="#555555", font_size=11)
+    for j, seg in enumerate(segs):
+        lx, ly = left + (j % 3) * 190, bottom + 48 + 18 * (j // 3)
+        svg.add("rect", x=lx, y=ly - 9, width=10, height=10, fill=colors[seg])
+        svg.add("text", seg, x=lx + 14, y=ly, fill="#222222", font_size=11)
+    svg.add("text", "ms/run", x=right + 8, y=top - 6, fill="#555555", font_size=11)
+    return svg
+
+
+def profile_table(build: Build) -> tuple[list[str], list[list[str]]]:
+    segs, rows = profile_segments(build)
+    head = ["artifact", "ms/run"] + segs
+    return head, [[name, _fmt(run_ms, ".2f")] + [f"{ms:.2f} ({ms / run_ms:.0%})" if run_ms else f"{ms:.2f}"
+                                               for _, ms in parts] for name, run_ms, parts in rows]
+
+
 # --- tables and text -----------------------------------------------------------------------------
 
 def _table(build: Build, front: set[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
@@ -696,6 +774,21 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> dict[str, An
         for s in skipped:
             h.append(f"<p class=\"note\">not measured: {_esc(s)}</p>")
             md += [f"not measured: {_md(s)}", ""]
+
+        prof = profile_plot(b)
+        h.append("<h3>Where the time goes</h3>")
+        md += ["### Where the time goes", ""]
+        if prof is None:
+            text = "No operator profile in this build (its manifest predates them, or the benchmark ran on a device)."
+            h.append(f"<p class=\"note\">{_esc(text)}</p>")
+            md += [_md(text), ""]
+        else:
+            name = f"profile-{b.slug}.svg"
+            plots.append((prof, name))
+            h.append(prof.render())
+            phead, prows = profile_table(b)
+            h.append(_html_table(phead, prows))
+            md += [f"![operator profile {_md(b.label)}]({PLOTS_DIR}/{name})", ""] + _md_table(phead, prows)
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n<body>\n"

@@ -21,6 +21,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
                 "reduced_ops": bool, "mobile_readme": bool}
 FORMATS = {"QDQ", "QOperator"}
+FALLBACKS = ("float", "dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 
 
@@ -40,9 +41,15 @@ class StaticRecipe:
     bias_correction: bool = False
     # The first N Conv/Gemm/MatMul nodes (graph order), with the activation each feeds, stay float
     keep_float_first: int = 0
+    # What the nodes static int8 leaves out become: "float", or "dynamic" -- int8 with per-inference
+    # activation scales, [dynamic]'s recipe (smoothing included) -- for the kept-float nodes and the
+    # op types QDQ cannot express (ORT's fused Attention). Only for EPs that run ORT's dynamic
+    # int8 kernels (the CPU EP); NPUs and GPU EPs would run them on the CPU.
+    fallback: str = "float"
 
     def __post_init__(self) -> None:
         _check_choice("static.format", self.format, FORMATS)
+        _check_choice("static.fallback", self.fallback, FALLBACKS)
         _check_choice("static.activation_type", self.activation_type, QUANT_TYPES)
         _check_choice("static.weight_type", self.weight_type, QUANT_TYPES)
         _check_choice("static.calibration", self.calibration, CALIBRATION_METHODS)
@@ -62,9 +69,14 @@ class DynamicRecipe:
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul",)
+    # SmoothQuant's migration strength (pipeline/smooth.py); 0 = off. Needs a calibration pass
+    # (per-channel |max| of the smoothed activations), so dynamic builds then calibrate too.
+    smooth_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("dynamic.weight_type", self.weight_type, QUANT_TYPES)
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"dynamic.smooth_alpha must be within [0, 1], got {self.smooth_alpha}")
         if not self.op_types:
             raise ValueError("dynamic.op_types must name at least one operator type")
 
@@ -163,7 +175,7 @@ VISION_OPS = ("Conv", "Gemm", "MatMul", "Clip", "Relu")
 # then give 95% against MinMax's 92%.
 VISION_DEFAULT = StaticRecipe(op_types=VISION_OPS, bias_correction=True, keep_float_first=3,
                               calibration="percentile")
-_SCALARS = {"str": str, "bool": bool, "int": int}
+_SCALARS = {"str": str, "bool": bool, "int": int, "float": (int, float)}
 _NESTED = {"static": "StaticRecipe", "dynamic": "DynamicRecipe", "fp16": "Fp16Recipe", "package": "dict[str, Any]",
            "static_vision": "StaticRecipe"}
 
@@ -184,9 +196,9 @@ def _checked(cls, table: Any, prefix: str) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"'{where}' must be a list of strings")
             value = tuple(value)
-        elif not isinstance(value, _SCALARS[typ]) or (typ == "int" and isinstance(value, bool)):
+        elif not isinstance(value, _SCALARS[typ]) or (typ in ("int", "float") and isinstance(value, bool)):
             raise ValueError(f"'{where}' must be a {typ}, got {type(value).__name__} {value!r}")
-        kw[key] = value
+        kw[key] = float(value) if typ == "float" else value
     return kw
 
 
@@ -204,7 +216,7 @@ def parse(text: str, source: str = "<profile>") -> Target:
         static = StaticRecipe(**_checked(StaticRecipe, sub["static"], "static."))
         # [static_vision] defaults to the target's [static] types and format with the image-model ops
         vision = {**asdict(static), "op_types": VISION_OPS, "keep_float_after": (),
-                  **{k: getattr(VISION_DEFAULT, k) for k in ("bias_correction", "keep_float_first", "calibration")},
+                  **{k: getattr(VISION_DEFAULT, k) for k in ("bias_correction", "keep_float_first", "calibration", "fallback")},
                   **_checked(StaticRecipe, sub["static_vision"], "static_vision.")}
         return Target(static=static,
                       static_vision=StaticRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}),

@@ -104,11 +104,27 @@ def test_benchmark_records_latency_quantiles(model_dir):
             assert rec["latency_p90_ms"] <= q[20]
 
 
+def test_benchmark_records_an_operator_profile(model_dir):
+    for target in ("arm64", "x86_64"):
+        arts = {a["name"]: a["metrics"]["op_profile"] for a in load_manifest(model_dir / target)["artifacts"]}
+        for name, p in arts.items():
+            assert p["runs"] == 20 and p["run_ms"] > 0
+            kernels = sum(o["ms"] for o in p["ops"])
+            assert kernels == pytest.approx(p["kernel_ms"], rel=1e-3, abs=1e-3) and kernels <= p["run_ms"] * 1.02
+            assert [o["ms"] for o in p["ops"]] == sorted((o["ms"] for o in p["ops"]), reverse=True)
+            assert all(o["provider"] == "CPUExecutionProvider" for o in p["ops"])
+        ops = {name: {o["op"] for o in p["ops"]} for name, p in arts.items()}
+        # the kernels ORT ran, after its fusions: float attention in fp32, quantized in int8-dynamic
+        assert "Attention" in ops["fp32"] and "QAttention" in ops["int8-dynamic"]
+        assert "MatMul" in ops["fp32"] and "MatMul" not in ops["int8-dynamic"]
+
+
 def test_report_plots_match_the_manifests(model_dir, report):
     page = report["page"]
     manifests = {t: load_manifest(model_dir / t) for t in ("arm64", "x86_64")}
     assert sorted(Path(b).name for b in report["builds"]) == ["arm64", "x86_64"]
-    assert [p["kind"] for p in page.plots] == ["accuracy-latency", "sensitivity", "hybrid-curve", "latency", "latency"]
+    assert [p["kind"] for p in page.plots] == ["accuracy-latency", "sensitivity", "hybrid-curve", "latency", "profile",
+                                               "latency", "profile"]
     for p in page.plots:
         assert int(p["attrs"]["data-marks"]) == len(p["marks"]) > 0
 
@@ -144,9 +160,21 @@ def test_report_plots_match_the_manifests(model_dir, report):
         assert {(m["data-artifact"], m["data-provider"]) for m in lat_plot["marks"]} == expected
         assert not any("approx" in m["class"] for m in lat_plot["marks"])
 
-    # tables: the builds, then one per target with a row per artifact
+    # 4. operator profile: a bar segment per artifact and op type, the manifest's milliseconds
+    for (prof, target) in zip(page.kind("profile"), ("arm64", "x86_64")):
+        arts = {a["name"]: a["metrics"]["op_profile"] for a in manifests[target]["artifacts"]}
+        assert {m["data-artifact"] for m in prof["marks"]} == set(arts)
+        for name, p in arts.items():
+            segs = {m["data-op"]: float(m["data-ms"]) for m in prof["marks"] if m["data-artifact"] == name}
+            # the segments add up to the profiled run: kernels per op type plus the time between them
+            assert sum(segs.values()) == pytest.approx(max(p["run_ms"], p["kernel_ms"]), rel=1e-3)
+            top = p["ops"][0]
+            if top["op"] in segs:
+                assert segs[top["op"]] == pytest.approx(top["ms"], rel=1e-4)
+
+    # tables: the builds, then per target a row per artifact and the operator profile
     tables = Path(report["html"]).read_text().count("<table>")
-    assert tables == 3
+    assert tables == 5
 
 
 def test_report_is_self_contained_and_markdown_links_resolve(report):
@@ -157,7 +185,7 @@ def test_report_is_self_contained_and_markdown_links_resolve(report):
     out = Path(report["html"]).parent
     md = Path(report["markdown"]).read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == len(report["plots"]) == 5
+    assert len(links) == len(report["plots"]) == 7
     assert sorted(out / link for link in links) == sorted(Path(p["path"]) for p in report["plots"]) \
         == sorted((out / "report-plots").glob("*.svg"))
     for link, plot in zip(links, report["plots"]):
@@ -285,7 +313,7 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
     assert "data-rendered" in body, "the page's load handler did not run"
     rendered = json.loads(body["data-rendered"])
     page = report["page"]
-    assert rendered["plots"] == len(page.plots) == 5
+    assert rendered["plots"] == len(page.plots) == 7
     expected = {}
     for p in page.plots:
         expected[p["kind"]] = expected.get(p["kind"], 0) + len(p["marks"])

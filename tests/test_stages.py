@@ -160,19 +160,38 @@ def test_calibration_reused_only_while_inputs_match(tiny_bert, tmp_path):
 
 # -- quantize -----------------------------------------------------------------------------------
 
-def test_static_keeps_post_gelu_matmuls_float(tiny_build):
+def test_static_falls_back_to_dynamic_int8_not_float(tiny_build):
+    """x86_64: the post-GELU MatMuls the static recipe keeps out of static int8, and the fused
+    Attention QDQ cannot express, become dynamic int8 (smoothed), not fp32."""
     b = _bdir(tiny_build)
     model = onnx.load(str(b / "model.int8-static.onnx"))
     producer = {o: n for n in model.graph.node for o in n.output}
+    ops = _ops(b / "model.int8-static.onnx")
     mms = [n for n in model.graph.node if n.op_type == "MatMul"]
-    after_gelu = [n for n in mms if producer[n.input[0]].op_type == "BiasGelu"]
     quantized = [n for n in mms if producer[n.input[0]].op_type == "DequantizeLinear"]
-    assert len(after_gelu) == 2 and len(quantized) == 4
-    kept = _stage(tiny_build, "quantize")["metrics"]["static"]["kept_float"]
-    assert sorted(k["node"] for k in kept) == sorted(n.name for n in after_gelu)
+    assert len(quantized) == 4 and len(mms) == 4  # static QDQ; no float MatMul left
+    assert ops["QAttention"] == 2 and ops["Attention"] == 0
+    assert ops["MatMulInteger"] == 2  # the two post-GELU MatMuls, per-inference activation scales
+    gelu_out = {n.output[0] for n in model.graph.node if n.op_type == "BiasGelu"}
+    smooth_muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert {n.input[0] for n in smooth_muls} >= gelu_out  # the outlier channels divided out first
+    metrics = _stage(tiny_build, "quantize")["metrics"]["static"]
+    settings = _stage(tiny_build, "quantize")["settings"]["static"]
+    assert metrics["kept_float"] == []
+    assert len(metrics["dynamic_nodes"]) == 2 + 2 + 1  # 2 MatMuls, 2 Attention, the embedding
+    assert settings["fallback"]["mode"] == "dynamic" and settings["fallback"]["smoothquant"]["nodes"] == 4
     # x86_64 profile: uint8 activations, int8 per-channel weights
     q_types = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
     assert onnx.TensorProto.UINT8 in q_types and onnx.TensorProto.INT8 in q_types
+
+
+def test_dynamic_is_smoothed_from_calibration(tiny_build):
+    b = _bdir(tiny_build)
+    q = _stage(tiny_build, "quantize")
+    assert q["settings"]["dynamic"]["smoothquant"] == {"alpha": 0.75, "nodes": 8}  # 6 MatMuls + 2 Attention
+    assert _stage(tiny_build, "calibrate")["metrics"]["smoothing_inputs"] == 8
+    model = onnx.load(str(b / "model.int8-dynamic.onnx"))
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in model.graph.node) == 8
 
 
 def test_dynamic_uses_integer_kernels(tiny_build):
@@ -186,6 +205,9 @@ def test_arm64_static_is_s8s8(tiny_cls_build):
     model = onnx.load(str(_bdir(tiny_cls_build) / "model.int8-static.onnx"))
     zp_types = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
     assert zp_types == {onnx.TensorProto.INT8}
+    # arm64's static artifact is for int8 EPs (XNNPACK, NNAPI): no dynamic fallback, no smoothing
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"MatMulInteger", "QAttention", "DynamicQuantizeLinear"}
 
 
 def test_nodes_kept_float_rule():

@@ -36,6 +36,18 @@ format = "QDQ"
 def test_parse_minimal_profile_gets_defaults():
     t = targets.parse(GOOD)
     assert t.static.format == "QDQ" and t.static.per_channel and t.dynamic.op_types == ("MatMul",)
+    assert t.static.fallback == "float" and t.dynamic.smooth_alpha == 0.0
+
+
+def test_smoothing_and_fallback_keys():
+    t = targets.parse(GOOD.replace("[dynamic]", "[dynamic]\nsmooth_alpha = 1").replace(
+        'format = "QDQ"', 'format = "QDQ"\nfallback = "dynamic"'))
+    assert t.dynamic.smooth_alpha == 1.0 and isinstance(t.dynamic.smooth_alpha, float)
+    assert t.static.fallback == "dynamic"
+    assert t.static_vision.fallback == "float"  # image models never inherit it: ConvInteger is slow
+    x86, arm = targets.load("x86_64"), targets.load("arm64")
+    assert x86.static.fallback == "dynamic" and arm.static.fallback == "float"
+    assert x86.dynamic.smooth_alpha == arm.dynamic.smooth_alpha == 0.75
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -56,6 +68,11 @@ def test_parse_minimal_profile_gets_defaults():
     (GOOD.replace("[dynamic]", "[dynamic]\nper_chanel = true"), "unknown key 'dynamic.per_chanel'"),
     ("static = 3\n" + GOOD.replace('[static]\nformat = "QDQ"\n', ""), "must be a table"),
     ("name = ", "invalid target profile"),
+    (GOOD.replace("[dynamic]", "[dynamic]\nsmooth_alpha = 1.5"), "dynamic.smooth_alpha must be within"),
+    (GOOD.replace("[dynamic]", "[dynamic]\nsmooth_alpha = nan"), "dynamic.smooth_alpha must be within"),
+    (GOOD.replace("[dynamic]", "[dynamic]\nsmooth_alpha = true"), "'dynamic.smooth_alpha' must be a float"),
+    (GOOD.replace("[dynamic]", '[dynamic]\nsmooth_alpha = "0.5"'), "'dynamic.smooth_alpha' must be a float"),
+    (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nfallback = "fp16"'), "static.fallback"),
 ])
 def test_invalid_profiles_are_rejected(bad, message):
     with pytest.raises(EdgeqError, match=message):
