@@ -63,7 +63,7 @@ PRESET_RE = re.compile(r"(?P<arch>arm64|avx2|avx512_vnni|avx512)-(?P<mode>dynami
 DEFAULT_PRESETS = tuple(f"{a}-{m}{pc}" for a in ("avx2", "arm64") for m in ("dynamic", "static") for pc in ("", "-pc"))
 THRESHOLDS = (0.995, 0.99)
 DEFAULT_CALIB_SAMPLES, DEFAULT_EVAL_SAMPLES = 256, 120  # edgeq build's defaults
-GOAL_SPEEDUP, GOAL_VS_OPTIMUM, GOAL_HYBRID_COSINE = 2.2, 1.4, 0.99
+GOAL_SPEEDUP, GOAL_VS_OPTIMUM, GOAL_COSINE, GOAL_HYBRID_COSINE = 2.2, 1.4, 0.995, 0.99
 
 
 class BenchError(Exception):
@@ -373,7 +373,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def goals(rows: list[dict]) -> list[dict]:
     """Issue 7's targets, each met / not met with the numbers it was judged on."""
-    floor = GOAL_HYBRID_COSINE
+    floor = GOAL_COSINE
     e = best(rows, "edgeq", floor)
     res = []
     if e is None:
@@ -385,8 +385,11 @@ def goals(rows: list[dict]) -> list[dict]:
                     "detail": f"{e['name']}: {e['speedup_vs_fp32']:.2f}x fp32 at cosine {e['cosine']:.4f}"})
     o = best(rows, "optimum", floor)
     how = f"Optimum's fastest at cosine >= {floor}"
+    if o is None:  # generous to Optimum: its fastest at the looser floor, then at any cosine
+        o, how = best(rows, "optimum", GOAL_HYBRID_COSINE), (f"no Optimum preset reaches cosine {floor}; its "
+                                                            f"fastest at cosine >= {GOAL_HYBRID_COSINE}")
     if o is None:
-        o, how = best(rows, "optimum"), f"no Optimum preset reaches cosine {floor}; its fastest at any cosine"
+        o, how = best(rows, "optimum"), f"no Optimum preset reaches cosine {GOAL_HYBRID_COSINE}; its fastest at any cosine"
     g = f"edgeq int8 >= {GOAL_VS_OPTIMUM}x Optimum's best (cosine >= {floor})"
     if e is None or o is None:
         res.append({"goal": g, "met": False, "detail": "nothing to compare: " +
@@ -396,18 +399,21 @@ def goals(rows: list[dict]) -> list[dict]:
         res.append({"goal": g, "met": ratio >= GOAL_VS_OPTIMUM,
                     "detail": f"{e['name']} {e['latency_p50_ms']:.2f} ms vs {how}, {o['name']} "
                               f"{o['latency_p50_ms']:.2f} ms (cosine {o['cosine']:.4f}): {ratio:.2f}x"})
-    h = next((r for r in rows if r["tool"] == "edgeq" and r["artifact"] == "int8-hybrid"), None)
+    # the static artifact with precision mixed in: int8-hybrid when the build searched for one, else
+    # int8-static, which on CPU targets carries the dynamic-int8 fallback (targets/x86_64.toml)
+    h = next((r for r in rows if r["tool"] == "edgeq" and r["artifact"] == "int8-hybrid"), None) or \
+        next((r for r in rows if r["tool"] == "edgeq" and r["artifact"] == "int8-static"), None)
     s = best(rows, "optimum", static=True)
     g = f"edgeq static hybrid cosine >= {GOAL_HYBRID_COSINE} and faster than Optimum's fastest static preset"
     if h is None or "latency_p50_ms" not in h or "cosine" not in h:
-        res.append({"goal": g, "met": False, "detail": "no int8-hybrid artifact measured"
+        res.append({"goal": g, "met": False, "detail": "no int8-hybrid or int8-static artifact measured"
                     + (f" ({h['error']})" if h and "error" in h else "")})
     elif s is None:
         res.append({"goal": g, "met": False, "detail": "no Optimum static preset measured"})
     else:
         met = h["cosine"] >= GOAL_HYBRID_COSINE and h["latency_p50_ms"] < s["latency_p50_ms"]
         res.append({"goal": g, "met": met,
-                    "detail": f"int8-hybrid cosine {h['cosine']:.4f}, {h['latency_p50_ms']:.2f} ms vs {s['name']} "
+                    "detail": f"{h['artifact']} cosine {h['cosine']:.4f}, {h['latency_p50_ms']:.2f} ms vs {s['name']} "
                               f"{s['latency_p50_ms']:.2f} ms (cosine {s['cosine']:.4f}): hybrid at "
                               f"{s['latency_p50_ms'] / h['latency_p50_ms']:.2f}x its speed"})
     return res
