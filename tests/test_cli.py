@@ -117,7 +117,8 @@ def test_failed_rebuild_keeps_previous_complete_build(tiny_bert, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("edgeq: ")
     assert manifest.read_bytes() == before
-    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == ["x86_64"]
+    # no partial build left beside it (.cache: the calibration cache builds of this model share)
+    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) in (["x86_64"], [".cache", "x86_64"])
 
 
 def test_json_contract(tiny_bert, tmp_path):
@@ -215,9 +216,12 @@ def test_unused_calibration_ranges_do_not_ship(tiny_bert, tmp_path):
     r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
     assert r.returncode == 0, r.stderr
     b = out / "tiny-bert" / "x86_64"
-    assert not (b / "calibration").exists()
+    # a dynamic build calibrates only for SmoothQuant's statistics, with the target's method: the
+    # earlier build's entropy ranges are neither left in the directory nor listed
     m = disk_manifest(b / "manifest.json")
-    assert not [f for f in m["files"] if f["path"].startswith("calibration/")]
+    shipped = sorted(f["path"] for f in m["files"] if f["path"].startswith("calibration/"))
+    assert sorted(str(p.relative_to(b)) for p in (b / "calibration").iterdir()) == shipped
+    assert "calibration/ranges-minmax.absmax.npz" in shipped and not [p for p in shipped if "entropy" in p]
 
 
 def test_targets_command_lists_profiles():
@@ -260,4 +264,4 @@ def test_abandoned_staging_dirs_are_cleaned(tiny_bert, tmp_path):
     other_host.mkdir()
     r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (out / "tiny-bert").iterdir()) == [other_host.name, "x86_64"]
+    assert sorted(p.name for p in (out / "tiny-bert").iterdir() if p.name != ".cache") == [other_host.name, "x86_64"]
