@@ -718,77 +718,63 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> dict[str, An
     h.append("<h2>Builds</h2>" + _html_table(fhead, [list(f.values()) for f in facts]))
     md += ["## Builds", ""] + _md_table(fhead, [list(f.values()) for f in facts])
 
-    h.append("<h2>Accuracy against latency</h2>")
-    md += ["## Accuracy against latency", ""]
-    if points:
-        svg = accuracy_plot(points, builds, x, y)
-        plots.append((svg, "accuracy-latency.svg"))
+    def heading(level: int, text: str) -> None:
+        h.append(f"<h{level}>{_esc(text)}</h{level}>")
+        md.extend([f"{'#' * level} {_md(text)}", ""])
+
+    def note(text: str, prefix: str = "") -> None:
+        h.append(f"<p class=\"note\">{_esc(prefix + text)}</p>")
+        md.extend([_md(prefix + text), ""])
+
+    def plot(svg: Svg, name: str, alt: str) -> None:
+        plots.append((svg, name))
         h.append(svg.render())
+        md.extend([f"![{alt}]({PLOTS_DIR}/{name})", ""])
+
+    heading(2, "Accuracy against latency")
+    if points:
+        plot(accuracy_plot(points, builds, x, y), "accuracy-latency.svg", "accuracy against latency")
         on_front = ", ".join(f"{p.artifact} ({p.build.label})" for p in points if p.pareto)
-        text = (f"One point per artifact and target; the Pareto front (no other artifact is both faster and "
-                f"more accurate, across all targets shown): {on_front}.")
-        h.append(f"<p class=\"note\">{_esc(text)}</p>")
-        md += [f"![accuracy against latency]({PLOTS_DIR}/accuracy-latency.svg)", "", _md(text), ""]
+        note(f"One point per artifact and target; the Pareto front (no other artifact is both faster and "
+             f"more accurate, across all targets shown): {on_front}.")
     else:
-        text = f"No artifact has both {x.label.split(' (')[0]} and {y.label.split(' (')[0]} recorded: nothing to plot."
-        h.append(f"<p class=\"note\">{_esc(text)}</p>")
-        md += [_md(text), ""]
+        note(f"No artifact has both {x.label.split(' (')[0]} and {y.label.split(' (')[0]} recorded: nothing to plot.")
 
     for b in builds:
-        h.append(f"<h2>{_esc(b.label)}</h2>")
-        md += [f"## {_md(b.label)}", ""]
+        heading(2, b.label)
         head, rows = _table(b, front)
         h.append(_html_table(head, rows))
         md += _md_table(head, rows)
         for n in _notes(b):
-            h.append(f"<p class=\"note\">note: {_esc(n)}</p>")
-            md += [f"note: {_md(n)}", ""]
+            note(n, prefix="note: ")
 
         sens, curve = sensitivity_plot(b), curve_plot(b)
-        h.append("<h3>Hybrid precision search</h3>")
-        md += ["### Hybrid precision search", ""]
+        heading(3, "Hybrid precision search")
         if sens is None and curve is None:
-            text = ("No hybrid precision search in this build, so no sensitivity ranking "
-                    "(build with --max-accuracy-drop to measure one).")
-            h.append(f"<p class=\"note\">{_esc(text)}</p>")
-            md += [_md(text), ""]
+            note("No hybrid precision search in this build, so no sensitivity ranking "
+                 "(build with --max-accuracy-drop to measure one).")
         for svg, kind in ((sens, "sensitivity"), (curve, "hybrid-curve")):
             if svg is not None:
-                name = f"{kind}-{b.slug}.svg"
-                plots.append((svg, name))
-                h.append(svg.render())
-                md += [f"![{kind} {_md(b.label)}]({PLOTS_DIR}/{name})", ""]
+                plot(svg, f"{kind}-{b.slug}.svg", f"{kind} {_md(b.label)}")
 
         lat, skipped = latency_plot(b)
-        h.append("<h3>Latency distributions</h3>")
-        md += ["### Latency distributions", ""]
+        heading(3, "Latency distributions")
         if lat is None:
-            text = "No latency measurement in this build."
-            h.append(f"<p class=\"note\">{_esc(text)}</p>")
-            md += [_md(text), ""]
+            note("No latency measurement in this build.")
         else:
-            name = f"latency-{b.slug}.svg"
-            plots.append((lat, name))
-            h.append(lat.render())
-            md += [f"![latency {_md(b.label)}]({PLOTS_DIR}/{name})", ""]
+            plot(lat, f"latency-{b.slug}.svg", f"latency {_md(b.label)}")
         for s in skipped:
-            h.append(f"<p class=\"note\">not measured: {_esc(s)}</p>")
-            md += [f"not measured: {_md(s)}", ""]
+            note(s, prefix="not measured: ")
 
         prof = profile_plot(b)
-        h.append("<h3>Where the time goes</h3>")
-        md += ["### Where the time goes", ""]
+        heading(3, "Where the time goes")
         if prof is None:
-            text = "No operator profile in this build (its manifest predates them, or the benchmark ran on a device)."
-            h.append(f"<p class=\"note\">{_esc(text)}</p>")
-            md += [_md(text), ""]
+            note("No operator profile in this build (its manifest predates them, or the benchmark ran on a device).")
         else:
-            name = f"profile-{b.slug}.svg"
-            plots.append((prof, name))
-            h.append(prof.render())
+            plot(prof, f"profile-{b.slug}.svg", f"operator profile {_md(b.label)}")
             phead, prows = profile_table(b)
             h.append(_html_table(phead, prows))
-            md += [f"![operator profile {_md(b.label)}]({PLOTS_DIR}/{name})", ""] + _md_table(phead, prows)
+            md += _md_table(phead, prows)
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n<body>\n"
