@@ -118,6 +118,9 @@ def run(ctx: BuildContext) -> StageResult:
     meta_path = ranges_path.with_suffix(".meta.json")
     means_path = means_file(ranges_path)
     absmax_path = smooth.absmax_file(ranges_path)
+    # the per-channel statistics this build keeps beside its ranges, by their name in the cache
+    stats = {name: path for name, path, wanted in (("means.npz", means_path, recipe.bias_correction),
+                                                   ("absmax.npz", absmax_path, key["absmax"])) if wanted}
     for p in (means_path, absmax_path):
         p.unlink(missing_ok=True)  # only this run's statistics may sit beside this run's ranges
     # Shared by every build of this model under --out: a target that differs only in quantization
@@ -128,18 +131,14 @@ def run(ctx: BuildContext) -> StageResult:
                 "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
     try:
         meta = json.loads((cache / "meta.json").read_text())
-        if meta.get("key") == key and (cache / "ranges.json").is_file() and (
-                not recipe.bias_correction or (cache / "means.npz").is_file()) and (
-                not key["absmax"] or (cache / "absmax.npz").is_file()):
+        if meta.get("key") == key and all((cache / n).is_file() for n in ("ranges.json", *stats)):
             ranges_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache / "ranges.json", ranges_path)
-            if recipe.bias_correction:
-                shutil.copyfile(cache / "means.npz", means_path)
-            if key["absmax"]:
-                shutil.copyfile(cache / "absmax.npz", absmax_path)
+            for name, path in stats.items():
+                shutil.copyfile(cache / name, path)
             meta_path.write_text(json.dumps(meta, indent=2))
             ctx.facts["ranges_path"] = ranges_path
-            if key["absmax"]:
+            if "absmax.npz" in stats:
                 ctx.facts["absmax_path"] = absmax_path
             return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
                                metrics={**meta.get("metrics", {}), "cache": str(cache)})
@@ -201,7 +200,7 @@ def run(ctx: BuildContext) -> StageResult:
     # no timings in the file: it is part of the build, whose bytes must not depend on the clock
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
                                                              if k != "collect_seconds"}}, indent=2))
-    _store(cache, ranges_path, meta_path, means_path, absmax_path)
+    _store(cache, ranges_path, meta_path, stats)
     ctx.facts["ranges_path"] = ranges_path
     if by_tensor:
         ctx.facts["absmax_path"] = absmax_path
@@ -213,17 +212,17 @@ def means_file(ranges_path: Path) -> Path:
     return ranges_path.with_suffix(".means.npz")
 
 
-def _store(cache: Path, ranges_path: Path, meta_path: Path, means_path: Path, absmax_path: Path) -> None:
-    """Publish ranges to the shared cache atomically: a directory renamed into place whole."""
+def _store(cache: Path, ranges_path: Path, meta_path: Path, stats: dict[str, Path]) -> None:
+    """Publish ranges, and the `stats` files this run wrote (name in the cache -> path), to the
+    shared cache atomically: a directory renamed into place whole."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     try:
         shutil.copyfile(ranges_path, tmp / "ranges.json")
         shutil.copyfile(meta_path, tmp / "meta.json")
-        if means_path.is_file():
-            shutil.copyfile(means_path, tmp / "means.npz")
-        if absmax_path.is_file():
-            shutil.copyfile(absmax_path, tmp / "absmax.npz")
+        for name, path in stats.items():
+            if path.is_file():
+                shutil.copyfile(path, tmp / name)
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)

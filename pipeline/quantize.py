@@ -183,12 +183,12 @@ def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 def _smooth(ctx: BuildContext, model, nodes: set[str] | None) -> list[str] | None:
-    """SmoothQuant on `model` in place (pipeline/smooth.py) when the target asks for it and the
-    calibrate stage measured the activations; None when it does not apply."""
+    """SmoothQuant on `model` in place (pipeline/smooth.py) when the calibrate stage measured the
+    activations for it (it does when `smooth.wanted`); None when it does not apply."""
     from edgeq.pipeline import smooth
 
     path = ctx.facts.get("absmax_path")
-    if not smooth.wanted(ctx.config, ctx.target) or not path or not Path(path).is_file():
+    if not path or not Path(path).is_file():
         return None
     return smooth.smooth(model, smooth.load_absmax(path), ctx.target.dynamic.smooth_alpha, nodes)
 
