@@ -90,10 +90,7 @@ class RangeCollector:
 
 def run(ctx: BuildContext) -> StageResult:
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization.calibrate import save_tensors_data
-
-    from edgeq.calib import model_feeds
 
     cfg = ctx.config
     method = cfg["calibration"]["method"]
@@ -113,6 +110,9 @@ def run(ctx: BuildContext) -> StageResult:
         "method": method, "percentile": percentile if method == "percentile" else None,
         "op_types": op_types, "max_length": max_length, "symmetric": recipe.activation_symmetric,
         "bias_correction": recipe.bias_correction, "absmax": smooth.wanted(cfg, ctx.target),
+        # static SmoothQuant adds the ranges of the smoothed inputs of the nodes the recipe quantizes
+        "static_smooth": {"alpha": recipe.smooth_alpha, "keep_float_after": list(recipe.keep_float_after),
+                          "keep_float_first": recipe.keep_float_first} if smooth.static_wanted(cfg, ctx.target) else None,
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
@@ -140,6 +140,7 @@ def run(ctx: BuildContext) -> StageResult:
             ctx.facts["ranges_path"] = ranges_path
             if "absmax.npz" in stats:
                 ctx.facts["absmax_path"] = absmax_path
+            ctx.facts["static_smoothed"] = meta.get("metrics", {}).get("static_smoothed", [])
             return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
                                metrics={**meta.get("metrics", {}), "cache": str(cache)})
     except (OSError, json.JSONDecodeError):
@@ -160,42 +161,32 @@ def run(ctx: BuildContext) -> StageResult:
     for node, t in smooth_inputs.items():
         by_tensor.setdefault(t, []).append(node)
     names += [t for t in by_tensor if t not in names]
-    have = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in have:
-            model.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ranges of the graph as saved
-    so.log_severity_level = 4  # a failure is raised below with its message; no coloured log line too
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del model
     collector = RangeCollector(method, percentile=percentile, symmetric=recipe.activation_symmetric)
     t0 = time.perf_counter()
-    batches = 0
-    n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
-    n_batches = -(-n_samples // batch_size)
-    for feeds in ctx.track(_feed_batches(ctx, samples, batch_size), n_batches, "calibration batch"):
-        try:
-            outs = sess.run(names, model_feeds(feeds))
-        except Exception as e:  # the user's data does not fit the model (ids out of range, shapes...)
-            raise EdgeqError(f"the model fails on calibration batch {batches + 1} of {calib_path}: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from None
-        for n, v in zip(names, outs):
-            collector.add(n, v)
-            if n in mean_names:
-                means.add(n, v)
-            if n in by_tensor:
-                absmax.add(n, v)
-        batches += 1
+
+    def fold(name, value):
+        collector.add(name, value)
+        if name in mean_names:
+            means.add(name, value)
+        if name in by_tensor:
+            absmax.add(name, value)
+
+    batches = _run_batches(ctx, model, names, samples, batch_size, fold, "calibration batch")
+    del model
+    per_tensor = absmax.result()
+    per_node = {node: per_tensor[t] for t, nodes in by_tensor.items() for node in nodes}
+    static_smoothed = _smoothed_ranges(ctx, fp32, recipe, per_node, samples, batch_size, collector.add) \
+        if key["static_smooth"] else []
     ranges = collector.result()
     save_tensors_data(ranges, ranges_path)
     metrics = {"tensors": len(names), "batches": batches, "collect_seconds": round(time.perf_counter() - t0, 3)}
+    if key["static_smooth"]:
+        metrics["static_smoothed"] = static_smoothed
     if mean_names:
         np.savez(means_path, **means.result())
         metrics["input_means"] = len(mean_names)
     if by_tensor:
-        per_tensor = absmax.result()
-        smooth.save_npz(absmax_path, {node: per_tensor[t] for t, nodes in by_tensor.items() for node in nodes})
+        smooth.save_npz(absmax_path, per_node)
         metrics["smoothing_inputs"] = len(smooth_inputs)
     # no timings in the file: it is part of the build, whose bytes must not depend on the clock
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
@@ -204,7 +195,59 @@ def run(ctx: BuildContext) -> StageResult:
     ctx.facts["ranges_path"] = ranges_path
     if by_tensor:
         ctx.facts["absmax_path"] = absmax_path
+    ctx.facts["static_smoothed"] = static_smoothed
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
+
+
+def _run_batches(ctx: BuildContext, model, names: list[str], samples, batch_size: int, fold, label: str) -> int:
+    """Runs `model` (an in-memory ModelProto, changed here: `names` become graph outputs) over the
+    calibration samples batch by batch, handing each named tensor to `fold(name, value)` at once.
+    Returns the number of batches."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.calib import model_feeds
+
+    have = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ranges of the graph as saved
+    so.log_severity_level = 4  # a failure is raised below with its message; no coloured log line too
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    calib_path = ctx.config["calibration"]["path"]
+    batches = 0
+    n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
+    for feeds in ctx.track(_feed_batches(ctx, samples, batch_size), -(-n_samples // batch_size), label):
+        try:
+            outs = sess.run(names, model_feeds(feeds))
+        except Exception as e:  # the user's data does not fit the model (ids out of range, shapes...)
+            raise EdgeqError(f"the model fails on calibration batch {batches + 1} of {calib_path}: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
+        for n, v in zip(names, outs):
+            fold(n, v)
+        batches += 1
+    return batches
+
+
+def _smoothed_ranges(ctx: BuildContext, fp32: Path, recipe, absmax: dict[str, np.ndarray], samples,
+                     batch_size: int, fold) -> list[str]:
+    """Static SmoothQuant: smooths the nodes the static recipe quantizes, as the quantize stage will
+    (same statistics, same alpha, so the same graph), and measures the ranges of their smoothed
+    inputs in a second pass over the data. A second pass because only the min/max method could
+    derive them from per-channel extremes; the histogram methods need the values. Returns the
+    smoothed nodes (the quantize stage smooths exactly these)."""
+    import onnx
+
+    from edgeq.pipeline.quantize import static_plan
+
+    model = onnx.load(str(fp32))
+    done = smooth.smooth(model, absmax, recipe.smooth_alpha, set(static_plan(model, recipe)[1]))
+    if done:
+        _run_batches(ctx, model, [smooth.smoothed_input(n) for n in done], samples, batch_size, fold,
+                     "calibration batch, smoothed")
+    return sorted(done)
 
 
 def means_file(ranges_path: Path) -> Path:

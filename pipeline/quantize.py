@@ -50,6 +50,16 @@ def first_layers_kept_float(model, op_types, n: int) -> list[dict]:
     return [{"node": nd.name, "op_type": nd.op_type, "reason": reason} for nd in first + acts]
 
 
+def static_plan(model, recipe) -> tuple[list[dict], list[str]]:
+    """The static recipe's split of `model`: the nodes it keeps out of static int8 (with why) and
+    the names of the nodes it quantizes. The calibrate stage asks too: it smooths the latter."""
+    kept = nodes_kept_float(model, set(recipe.op_types), set(recipe.keep_float_after))
+    kept += [k for k in first_layers_kept_float(model, set(recipe.op_types), recipe.keep_float_first)
+             if k["node"] not in {x["node"] for x in kept}]
+    names = {k["node"] for k in kept}
+    return kept, [n.name for n in model.graph.node if n.op_type in recipe.op_types and n.name not in names]
+
+
 def run(ctx: BuildContext) -> StageResult:
     modes = ctx.config["modes"]
     settings: dict = {}
@@ -110,10 +120,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     src = ctx.path(Files.FP32)
     out = ctx.path(Files.model("int8-static"))
     model = onnx.load(str(src), load_external_data=False)
-    kept = nodes_kept_float(model, set(r.op_types), set(r.keep_float_after))
-    kept += [k for k in first_layers_kept_float(model, set(r.op_types), r.keep_float_first)
-             if k["node"] not in {x["node"] for x in kept}]
-    quantized = [n.name for n in model.graph.node if n.op_type in r.op_types and n.name not in {k["node"] for k in kept}]
+    kept, quantized = static_plan(model, r)
     if not quantized:
         raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
     settings = {"format": r.format, "activation_type": r.activation_type, "weight_type": r.weight_type,
@@ -122,8 +129,24 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                 "op_types": list(r.op_types),
                 "calibration": method, "keep_float_after": list(r.keep_float_after),
                 "bias_correction": r.bias_correction, "keep_float_first": r.keep_float_first}
-    corrected = quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method,
-                                       exclude=[k["node"] for k in kept])
+    smoothed = ctx.facts.get("static_smoothed") or []
+    if smoothed:  # the nodes whose smoothed inputs the calibrate stage measured (smooth.static_nodes)
+        from edgeq.pipeline import smooth
+
+        model = onnx.load(str(src))
+        done = smooth.smooth(model, smooth.load_absmax(ctx.facts["absmax_path"]), r.smooth_alpha, set(smoothed))
+        if sorted(done) != sorted(smoothed):
+            raise EdgeqError("static int8: the calibration statistics do not match the model; "
+                             "delete the build's .cache folder and build again")
+        src = out.with_name(f".{out.stem}.smoothed.onnx")
+        onnx.save(model, str(src))
+        settings["smoothquant"] = {"alpha": r.smooth_alpha, "nodes": len(done)}
+    try:
+        corrected = quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method,
+                                           exclude=[k["node"] for k in kept])
+    finally:
+        if smoothed:
+            src.unlink(missing_ok=True)
     extra = {}
     if r.fallback == "dynamic":
         kept, extra = _dynamic_fallback(ctx, out, kept)

@@ -98,7 +98,7 @@ def smooth(model, absmax: dict[str, np.ndarray], alpha: float, nodes: set[str] |
         inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
         inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{n.name}_smooth_scale")
         model.graph.initializer.append(inv)
-        mul = helper.make_node("Mul", [n.input[0], inv.name], [f"{n.name}_smoothed_input"], name=f"{n.name}_smooth")
+        mul = helper.make_node("Mul", [n.input[0], inv.name], [smoothed_input(n.name)], name=f"{n.name}_smooth")
         n.input[0] = mul.output[0]
         inserts.append((n.name, mul))
         done.append(n.name)
@@ -110,12 +110,27 @@ def smooth(model, absmax: dict[str, np.ndarray], alpha: float, nodes: set[str] |
 
 def wanted(config: dict, target) -> bool:
     """Whether this build smooths anything: the target's [dynamic] smooth_alpha is on and a dynamic
-    artifact, or a static one with the dynamic fallback, is built. Not for causal LMs: their
-    calibration would need the key/value-cache inputs the calibrate stage does not feed."""
-    if target.dynamic.smooth_alpha <= 0 or config.get("family") == "causal-lm":
+    artifact, or a static one with the dynamic fallback, is built; or static smoothing is on. Not
+    for causal LMs: their calibration would need the key/value-cache inputs the calibrate stage
+    does not feed."""
+    if config.get("family") == "causal-lm":
         return False
     modes = set(config["modes"])
-    return "dynamic" in modes or ("static" in modes and target.static_for(config.get("family")).fallback == "dynamic")
+    static = target.static_for(config.get("family"))
+    dynamic = target.dynamic.smooth_alpha > 0 and (
+        "dynamic" in modes or ("static" in modes and static.fallback == "dynamic"))
+    return dynamic or static_wanted(config, target)
+
+
+def static_wanted(config: dict, target) -> bool:
+    """Whether the static artifact's own int8 nodes are smoothed ([static] smooth_alpha)."""
+    return (config.get("family") != "causal-lm" and "static" in config["modes"]
+            and target.static_for(config.get("family")).smooth_alpha > 0)
+
+
+def smoothed_input(node: str) -> str:
+    """The tensor `smooth` feeds a smoothed node: the calibrate stage measures its range."""
+    return f"{node}_smoothed_input"
 
 
 def absmax_file(ranges_path):
@@ -139,3 +154,4 @@ def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
 def load_absmax(path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+

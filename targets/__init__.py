@@ -46,9 +46,14 @@ class StaticRecipe:
     # op types QDQ cannot express (ORT's fused Attention). Only for EPs that run ORT's dynamic
     # int8 kernels (the CPU EP); NPUs and GPU EPs would run them on the CPU.
     fallback: str = "float"
+    # SmoothQuant (pipeline/smooth.py) on the statically quantized nodes too, 0 = off: the calibrate
+    # stage then measures the smoothed activations' ranges in a second pass.
+    smooth_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("static.format", self.format, FORMATS)
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"static.smooth_alpha must be within [0, 1], got {self.smooth_alpha}")
         _check_choice("static.fallback", self.fallback, FALLBACKS)
         _check_choice("static.activation_type", self.activation_type, QUANT_TYPES)
         _check_choice("static.weight_type", self.weight_type, QUANT_TYPES)
@@ -216,7 +221,8 @@ def parse(text: str, source: str = "<profile>") -> Target:
         static = StaticRecipe(**_checked(StaticRecipe, sub["static"], "static."))
         # [static_vision] defaults to the target's [static] types and format with the image-model ops
         vision = {**asdict(static), "op_types": VISION_OPS, "keep_float_after": (),
-                  **{k: getattr(VISION_DEFAULT, k) for k in ("bias_correction", "keep_float_first", "calibration", "fallback")},
+                  **{k: getattr(VISION_DEFAULT, k)
+                     for k in ("bias_correction", "keep_float_first", "calibration", "fallback", "smooth_alpha")},
                   **_checked(StaticRecipe, sub["static_vision"], "static_vision.")}
         return Target(static=static,
                       static_vision=StaticRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}),

@@ -185,6 +185,33 @@ def test_static_falls_back_to_dynamic_int8_not_float(tiny_build):
     assert onnx.TensorProto.UINT8 in q_types and onnx.TensorProto.INT8 in q_types
 
 
+def test_static_nodes_are_smoothed_with_calibrated_smoothed_ranges(tiny_build):
+    """x86_64 smooths the statically quantized MatMuls too: the calibrate stage measures the
+    smoothed inputs in a second pass, and each static MatMul's input Q/DQ pair quantizes the
+    smoothed activation with that range -- the Mul's output, not the raw LayerNorm/Attention one."""
+    import json
+
+    b = _bdir(tiny_build)
+    static_mms = _stage(tiny_build, "calibrate")["metrics"]["static_smoothed"]
+    assert len(static_mms) == 4  # per layer: attention output and FFN up-projection (not post-GELU)
+    method = _stage(tiny_build, "calibrate")["settings"]["method"]
+    ranges = json.loads((b / "calibration" / f"ranges-{method}.json").read_text())["data"]
+    for node in static_mms:  # the second pass measured each smoothed input
+        r = ranges[f"{node}_smoothed_input"]
+        assert r["lowest"]["data"] < 0 < r["highest"]["data"]
+    model = onnx.load(str(b / "model.int8-static.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in static_mms:
+        mm = next(n for n in model.graph.node if n.name == node)
+        dq = producer[mm.input[0]]
+        q = producer[dq.input[0]]
+        mul = producer[q.input[0]]
+        assert (dq.op_type, q.op_type, mul.op_type, mul.name) == (
+            "DequantizeLinear", "QuantizeLinear", "Mul", f"{node}_smooth")
+    s = _stage(tiny_build, "quantize")["settings"]["static"]
+    assert s["smoothquant"] == {"alpha": 0.75, "nodes": 4}
+
+
 def test_dynamic_is_smoothed_from_calibration(tiny_build):
     b = _bdir(tiny_build)
     q = _stage(tiny_build, "quantize")

@@ -48,6 +48,11 @@ def test_smoothing_and_fallback_keys():
     x86, arm = targets.load("x86_64"), targets.load("arm64")
     assert x86.static.fallback == "dynamic" and arm.static.fallback == "float"
     assert x86.dynamic.smooth_alpha == arm.dynamic.smooth_alpha == 0.75
+    # static smoothing: x86 only (measured there); image models and arm64's int8 EPs keep it off
+    assert x86.static.smooth_alpha == 0.75 and arm.static.smooth_alpha == 0.0
+    assert x86.static_vision.smooth_alpha == 0.0
+    t = targets.parse(GOOD.replace('format = "QDQ"', 'format = "QDQ"\nsmooth_alpha = 0.5'))
+    assert t.static.smooth_alpha == 0.5 and t.static_vision.smooth_alpha == 0.0
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -73,6 +78,7 @@ def test_smoothing_and_fallback_keys():
     (GOOD.replace("[dynamic]", "[dynamic]\nsmooth_alpha = true"), "'dynamic.smooth_alpha' must be a float"),
     (GOOD.replace("[dynamic]", '[dynamic]\nsmooth_alpha = "0.5"'), "'dynamic.smooth_alpha' must be a float"),
     (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nfallback = "fp16"'), "static.fallback"),
+    (GOOD.replace('format = "QDQ"', 'format = "QDQ"\nsmooth_alpha = -0.1'), "static.smooth_alpha must be within"),
 ])
 def test_invalid_profiles_are_rejected(bad, message):
     with pytest.raises(EdgeqError, match=message):
