@@ -235,8 +235,14 @@ def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
     steps = [[] for _ in models]
     runs = int(spec.get("runs", 5))
     deadline = time.perf_counter() + float(spec.get("max_seconds", 300))
+    settle = int(spec.get("settle_runs", 2)) if len(models) > 1 else 0
     while len(prefill[0]) < runs and time.perf_counter() < deadline:
         for i, lm in enumerate(models):
+            # untimed prefills after each switch, as for the other models: the previous session's
+            # idle threads keep spinning for a while (measured: SmolLM2 fp32 prefill 234 ms timed
+            # right after a switch, 125 ms in a process of its own)
+            for _ in range(settle):
+                lm.forward(ids, lm.empty_past(ids.shape[0]), 0)
             _, p, st = lm.generate(ids, new)
             prefill[i].append(p * 1000)
             steps[i].extend(x * 1000 for x in st)

@@ -351,8 +351,9 @@ def repack_gguf_grids(src: Path, dst: Path, accuracy_level: int) -> dict:
     bits), the Q8_0 token embedding -> GatherBlockQuantized (8 bits). MatMulNBits takes only integer
     zero points on its fast int8-activation path, while Q4_1's offset m is any float, so
         x @ (d * (q - zp_f)) = MatMulNBits(x, q, d, zp=8) + blocksum(x) @ (d * (8 - zp_f)),
-    the correction being a MatMul 32x smaller than the weight's. Weights off every grid are left to
-    `quantize_int4` (round to nearest)."""
+    the correction being a MatMul 32x smaller than the weight's. Q4_1 MatMuls that read the same
+    activation are packed into one MatMulNBits (their output columns side by side), one correction
+    and one Split. Weights off every grid are left to `quantize_int4` (round to nearest)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -370,35 +371,58 @@ def repack_gguf_grids(src: Path, dst: Path, accuracy_level: int) -> dict:
             new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
+    # Q4_1 MatMuls reading the same activation (a layer's q/k/v projections, its gate/up pair) are
+    # packed side by side into one MatMulNBits, one correction and one Add, then Split: fewer
+    # kernels per decode step, whose dispatch is much of its time (see README, int4 decode).
+    q4_grids, groups = {}, {}
     for n in g.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            r = on_q4_1_grid(numpy_helper.to_array(inits[n.input[1]]))
+            if r is not None:
+                q4_grids[n.name] = r
+                groups.setdefault(n.input[0], []).append(n)
+    for n in g.node:
+        if n.name in q4_grids:
+            members = groups[n.input[0]]
+            removed.add(n.input[1])
+            stats["q4_1_exact"] += 1
+            if n is not members[0]:
+                continue  # packed with the group's first member, which comes earlier in the graph
+            x, k = n.input[0], int(inits[n.input[1]].dims[0])
+            kb = k // GGUF_BLOCK
+            bsum = f"{x}_blocksum{kb}"
+            if bsum not in made:
+                shape = add(bsum + "_shape", np.array([0, 0, kb, GGUF_BLOCK], np.int64))
+                axes = add(bsum + "_axes", np.array([-1], np.int64))
+                nodes.append(helper.make_node("Reshape", [x, shape], [bsum + "_r"], bsum + "_Reshape"))
+                nodes.append(helper.make_node("ReduceSum", [bsum + "_r", axes], [bsum], bsum + "_ReduceSum",
+                                              keepdims=0))
+                made.add(bsum)
+            grids = [q4_grids[m.name] for m in members]
+            packed = len(members) > 1
+            wname = f"{n.name}_packed{len(members)}" if packed else n.input[1]
+            q = np.concatenate([r[0] for r in grids])  # [N, kb, 16]: the members' output columns side by side
+            d = np.concatenate([r[1] for r in grids])
+            corr_w = np.concatenate([((8.0 - r[2]) * r[1]).T for r in grids], axis=1)  # [kb, N]
+            main, total = n.output[0] + "_nbits", (n.output[0] + "_packed" if packed else n.output[0])
+            nodes.append(helper.make_node(
+                "MatMulNBits", [x, add(wname + "_q4", q), add(wname + "_scales", d.reshape(-1))], [main],
+                n.name + "_Q4", domain="com.microsoft", bits=4, K=k, N=int(q.shape[0]), block_size=GGUF_BLOCK,
+                accuracy_level=accuracy_level))
+            nodes.append(helper.make_node("MatMul", [bsum, add(wname + "_corr", corr_w)], [n.output[0] + "_corr"],
+                                          n.name + "_corr"))
+            nodes.append(helper.make_node("Add", [main, n.output[0] + "_corr"], [total], n.name + "_add"))
+            if packed:
+                sizes = add(wname + "_sizes", np.array([r[0].shape[0] for r in grids], np.int64))
+                nodes.append(helper.make_node("Split", [total, sizes], [m.output[0] for m in members],
+                                              n.name + "_split", axis=-1))
+                stats["q4_1_packed_groups"] = stats.get("q4_1_packed_groups", 0) + 1
+            continue
         if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             wname = n.input[1]
             w = numpy_helper.to_array(inits[wname])
             k, nout = w.shape
             attrs = {"K": k, "N": nout, "block_size": GGUF_BLOCK, "accuracy_level": accuracy_level}
-            q4 = on_q4_1_grid(w)
-            if q4 is not None:
-                q, d, zp = q4
-                kb = k // GGUF_BLOCK
-                x = n.input[0]
-                bsum = f"{x}_blocksum{kb}"
-                if bsum not in made:
-                    shape = add(bsum + "_shape", np.array([0, 0, kb, GGUF_BLOCK], np.int64))
-                    axes = add(bsum + "_axes", np.array([-1], np.int64))
-                    nodes.append(helper.make_node("Reshape", [x, shape], [bsum + "_r"], bsum + "_Reshape"))
-                    nodes.append(helper.make_node("ReduceSum", [bsum + "_r", axes], [bsum], bsum + "_ReduceSum",
-                                                  keepdims=0))
-                    made.add(bsum)
-                main, corr = n.output[0] + "_nbits", n.output[0] + "_corr"
-                nodes.append(helper.make_node(
-                    "MatMulNBits", [x, add(wname + "_q4", q), add(wname + "_scales", d.reshape(-1))], [main],
-                    n.name + "_Q4", domain="com.microsoft", bits=4, **attrs))
-                nodes.append(helper.make_node("MatMul", [bsum, add(wname + "_corr", ((8.0 - zp) * d).T.copy())],
-                                              [corr], n.name + "_corr"))
-                nodes.append(helper.make_node("Add", [main, corr], list(n.output), n.name + "_add"))
-                removed.add(wname)
-                stats["q4_1_exact"] += 1
-                continue
             q8 = on_q8_0_grid(w)
             if q8 is not None:
                 q, d = q8  # no zero-point input: MatMulNBits' default for 8 bits is 128

@@ -83,12 +83,14 @@ def run(ctx: BuildContext) -> StageResult:
     fused_ops: dict[str, int] = {}
     notes = []
     if ctx.config.get("family") == "causal-lm":
-        # Weight-only quantizers need neither fusions nor the pre-processing (shape inference) that
-        # static quantization does; the exported graph is the fp32 artifact as it is.
+        # Weight-only quantizers need neither the transformer fusions nor the pre-processing (shape
+        # inference) that static quantization does. The one rewrite is the attention fusion, which
+        # decode speed needs (pipeline/lm_fusion.py); it is kept only if it computes what the export does.
         for f in onnx_files(src):  # model.onnx and its external data, if any
             shutil.copyfile(f, out if f == src else out.parent / f.name)
-        return _record(ctx, before, out, {}, {}, "none (weight-only quantization needs no shape inference)",
-                       ["causal LM: the exported graph is kept as is"], large)
+        fused_ops, notes, plan = _fuse_decoder(ctx, out, large)
+        return _record(ctx, before, out, plan, fused_ops, "none (weight-only quantization needs no shape inference)",
+                       notes, large)
     if plan:
         fused_ops = _fuse(src, fused, plan, large)
         if fused_ops is None:
@@ -144,6 +146,46 @@ def _record(ctx: BuildContext, before, out: Path, plan: dict, fused_ops: dict, s
                  "fused_ops": {k: v for k, v in fused_ops.items() if v}, "ops_after": op_histogram(after),
                  "notes": notes},
     )
+
+
+def _fuse_decoder(ctx: BuildContext, out: Path, large: bool) -> tuple[dict[str, int], list[str], dict]:
+    """The exported decoder's attention fused into GroupQueryAttention in place at `out`, when its
+    config allows and the fused graph matches the export (logits and cache over a prompt and four
+    greedy steps); otherwise `out` stays the export. Returns (fused op counts, notes, plan)."""
+    import os
+
+    import onnx
+
+    from edgeq.pipeline import lm_fusion
+    from edgeq.pipeline.causal_lm import session
+
+    cfg = ctx.facts.get("hf_config") or {}
+    why = lm_fusion.fusable(cfg) or ("the model keeps its weights in external data" if large else None)
+    if why:
+        return {}, [f"attention kept as exported: {why}"], {}
+    model = onnx.load(str(out))
+    n = lm_fusion.fuse_group_query_attention(model, cfg)
+    if not n:
+        return {}, ["attention kept as exported: the graph lacks the expected q/k/v/o projection nodes"], {}
+    tmp = out.with_name(f".{out.stem}.fused.onnx")
+    onnx.save(model, str(tmp))
+    del model
+    try:
+        check = lm_fusion.check_fused(session(out), session(tmp), int(cfg.get("vocab_size") or 2))
+    except Exception as e:  # an ORT build without the op, or a graph it rejects: keep the export
+        tmp.unlink(missing_ok=True)
+        return {}, [f"attention kept as exported: the fused graph fails to run "
+                    f"({str(e).strip().splitlines()[0][:200]})"], {}
+    tol = 1e-3 * max(1.0, check["logit_scale"])
+    if not (check["greedy_same"] and check["max_logit_diff"] <= tol and check["max_cache_diff"] <= tol):
+        tmp.unlink(missing_ok=True)
+        return {}, [f"attention kept as exported: the fused graph's logits differ by {check['max_logit_diff']:.2g} "
+                    f"(cache {check['max_cache_diff']:.2g}, greedy tokens {'equal' if check['greedy_same'] else 'differ'})"], {}
+    os.replace(tmp, out)
+    return ({"GroupQueryAttention": n},
+            [f"{n} attention blocks fused into GroupQueryAttention; logits within "
+             f"{check['max_logit_diff']:.1g} of the export's (scale {check['logit_scale']:.0f}), same greedy tokens"],
+            {"model_type": cfg.get("model_type"), "attention": "GroupQueryAttention"})
 
 
 def _fuse(src: Path, dst: Path, plan: dict, large: bool) -> dict[str, int] | None:

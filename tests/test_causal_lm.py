@@ -184,8 +184,72 @@ def test_gguf_grid_repack_is_exact_and_handles_shared_weights(tmp_path):
     stats = repack_gguf_grids(src, tmp_path / "q.onnx", accuracy_level=0)
     assert stats["q4_1_exact"] == 2 and stats["q8_0_exact"] == 1 and stats["off_grid"] == 0
     onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    # the two Q4_1 MatMuls reading x are packed into one MatMulNBits (N = 2n) and split after
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert stats["q4_1_packed_groups"] == 1 and ops.count("MatMulNBits") == 2 and ops.count("Split") == 1
     feeds = {"x": rng.normal(size=(1, 3, k)).astype(np.float32)}
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     for r, o in zip(ref, got):
         np.testing.assert_allclose(o, r, atol=1e-4)
+
+
+def test_attention_is_fused_into_group_query_attention(llama_build):
+    """optimize: each layer's exported attention (rotary, cache concat, repeat_kv, mask, shape
+    arithmetic) becomes one GroupQueryAttention; the graph shrinks and takes no position_ids. That
+    the fused model computes what PyTorch does is checked by the perplexity and cache tests above."""
+    opt = next(s for s in llama_build["stages"] if s["stage"] == "optimize")
+    layers = 2  # the tiny Llama's
+    assert opt["metrics"]["fused_ops"] == {"GroupQueryAttention": layers}
+    assert opt["settings"]["fusion"] == {"model_type": "llama", "attention": "GroupQueryAttention"}
+    ops = opt["metrics"]["ops_after"]
+    assert ops["GroupQueryAttention"] == layers and "Softmax" not in ops and "Expand" not in ops
+    assert opt["metrics"]["nodes_after"] < opt["metrics"]["nodes_before"] / 3
+    g = onnx.load(str(_dir(llama_build) / "model.fp32.onnx"), load_external_data=False).graph
+    assert "position_ids" not in {i.name for i in g.input}
+    assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    # the int4 artifact keeps the fused attention and quantizes the projections around it
+    g4 = onnx.load(str(_dir(llama_build) / "model.int4.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "GroupQueryAttention" for n in g4.node) == layers
+
+
+def test_attention_fusion_is_checked_against_the_export(llama_build, tiny_llama):
+    """A fusion that does not compute what the export does is caught: with the wrong rotary base
+    the check sees the logits move; with the right one they agree to float precision."""
+    from edgeq.pipeline import lm_fusion
+    from edgeq.pipeline.causal_lm import session
+
+    exported = _dir(llama_build) / "work" / "export" / "model.onnx"
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    results = {}
+    for theta in (cfg.get("rope_theta", 10000.0), 1234.0):
+        model = onnx.load(str(exported))
+        assert lm_fusion.fuse_group_query_attention(model, {**cfg, "rope_theta": theta}) == cfg["num_hidden_layers"]
+        path = exported.with_name(f"fused-{theta}.onnx")
+        onnx.save(model, str(path))
+        results[theta] = lm_fusion.check_fused(session(exported), session(path), cfg["vocab_size"])
+        path.unlink()
+    good, bad = results[cfg.get("rope_theta", 10000.0)], results[1234.0]
+    assert good["greedy_same"] and good["max_logit_diff"] < 1e-4 * max(1.0, good["logit_scale"])
+    assert bad["max_logit_diff"] > 100 * good["max_logit_diff"] and bad["max_cache_diff"] > 1e-3
+
+
+def test_attention_fusion_applies_only_to_llama_attention():
+    from edgeq.pipeline import lm_fusion
+
+    base = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+            "max_position_embeddings": 128}
+    assert lm_fusion.fusable(base) is None
+    assert "rope_scaling" in lm_fusion.fusable({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert "sliding-window" in lm_fusion.fusable({**base, "model_type": "mistral", "sliding_window": 4096})
+    assert "bias" in lm_fusion.fusable({**base, "attention_bias": True})
+    assert "gpt2" in lm_fusion.fusable({**base, "model_type": "gpt2"})
+    assert "num_hidden_layers" in lm_fusion.fusable({**base, "num_hidden_layers": "2"})
+    # a graph without the exporter's projection nodes is left untouched
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["attention_mask"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 4])])
+    m = helper.make_model(g)
+    assert lm_fusion.fuse_group_query_attention(m, base) == 0 and len(m.graph.node) == 1
