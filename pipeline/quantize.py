@@ -130,7 +130,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                 "calibration": method, "keep_float_after": list(r.keep_float_after),
                 "bias_correction": r.bias_correction, "keep_float_first": r.keep_float_first}
     smoothed = ctx.facts.get("static_smoothed") or []
-    if smoothed:  # the nodes whose smoothed inputs the calibrate stage measured (smooth.static_nodes)
+    if smoothed:  # the nodes whose smoothed inputs the calibrate stage measured (calibrate._smoothed_ranges)
         from edgeq.pipeline import smooth
 
         model = onnx.load(str(src))
