@@ -53,6 +53,7 @@ def fuse_group_query_attention(model, hf_config: dict) -> int:
     """Rewrites `model` (an optimum text-generation-with-past export) in place; returns the number of
     layers fused, 0 (model untouched) when the export does not have the expected nodes."""
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     g = model.graph
     layers = hf_config["num_hidden_layers"]
@@ -107,41 +108,13 @@ def fuse_group_query_attention(model, hf_config: dict) -> int:
         if n.name in before_o_proj:
             nodes.append(before_o_proj[n.name])
         nodes.append(n)
-    _keep_live(model, nodes)
+    g.ClearField("node")
+    g.node.extend(nodes)
+    # everything only the old attention used (nodes, initializers, the position_ids input) goes
+    OnnxModel(model).prune_graph()
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(plan)
-
-
-def _keep_live(model, nodes) -> None:
-    """The graph's nodes become those of `nodes` (in order) that its outputs depend on; initializers
-    and inputs nothing reads any more are dropped."""
-    g = model.graph
-    producer = {o: n for n in nodes for o in n.output}
-    live, seen, stack = set(), set(), [o.name for o in g.output]
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        n = producer.get(t)
-        if n is not None and id(n) not in live:
-            live.add(id(n))
-            stack.extend(x for x in n.input if x)
-    kept = [n for n in nodes if id(n) in live]
-    used = {x for n in kept for x in n.input} | {o.name for o in g.output}
-    inits = [t for t in g.initializer if t.name in used]
-    ins = [x for x in g.input if x.name in used]
-    g.ClearField("node")
-    g.node.extend(kept)
-    g.ClearField("initializer")
-    g.initializer.extend(inits)
-    g.ClearField("input")
-    g.input.extend(ins)
-    keep_vi = {x for n in kept for x in list(n.input) + list(n.output)}
-    vis = [v for v in g.value_info if v.name in keep_vi]
-    g.ClearField("value_info")
-    g.value_info.extend(vis)
 
 
 def check_fused(exported, fused, vocab_size: int, prompt_tokens: int = 16, steps: int = 4) -> dict:
