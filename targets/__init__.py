@@ -52,8 +52,7 @@ class StaticRecipe:
 
     def __post_init__(self) -> None:
         _check_choice("static.format", self.format, FORMATS)
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"static.smooth_alpha must be within [0, 1], got {self.smooth_alpha}")
+        _check_unit("static.smooth_alpha", self.smooth_alpha)
         _check_choice("static.fallback", self.fallback, FALLBACKS)
         _check_choice("static.activation_type", self.activation_type, QUANT_TYPES)
         _check_choice("static.weight_type", self.weight_type, QUANT_TYPES)
@@ -80,8 +79,7 @@ class DynamicRecipe:
 
     def __post_init__(self) -> None:
         _check_choice("dynamic.weight_type", self.weight_type, QUANT_TYPES)
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"dynamic.smooth_alpha must be within [0, 1], got {self.smooth_alpha}")
+        _check_unit("dynamic.smooth_alpha", self.smooth_alpha)
         if not self.op_types:
             raise ValueError("dynamic.op_types must name at least one operator type")
 
@@ -141,6 +139,11 @@ class Target:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def _check_unit(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{key} must be within [0, 1], got {value}")
 
 
 def _check_choice(key: str, value: Any, allowed) -> None:
