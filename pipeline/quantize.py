@@ -7,6 +7,7 @@ per-tensor scale can represent (see targets/x86_64.toml and the README for the m
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     method = ctx.config["calibration"]["method"]
     src = ctx.path(Files.FP32)
     out = ctx.path(Files.model("int8-static"))
-    model = onnx.load(str(src), load_external_data=False)
+    # the nodes whose smoothed inputs the calibrate stage measured (calibrate._smoothed_ranges)
+    smoothed = ctx.facts.get("static_smoothed") or []
+    model = onnx.load(str(src), load_external_data=bool(smoothed))  # smoothing rescales the weights
     kept, quantized = static_plan(model, r)
     if not quantized:
         raise EdgeqError(f"static int8: the model has no {'/'.join(r.op_types)} nodes to quantize")
@@ -129,24 +132,17 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                 "op_types": list(r.op_types),
                 "calibration": method, "keep_float_after": list(r.keep_float_after),
                 "bias_correction": r.bias_correction, "keep_float_first": r.keep_float_first}
-    smoothed = ctx.facts.get("static_smoothed") or []
-    if smoothed:  # the nodes whose smoothed inputs the calibrate stage measured (calibrate._smoothed_ranges)
+    if smoothed:
         from edgeq.pipeline import smooth
 
-        model = onnx.load(str(src))
         done = smooth.smooth(model, smooth.load_absmax(ctx.facts["absmax_path"]), r.smooth_alpha, set(smoothed))
         if sorted(done) != sorted(smoothed):
             raise EdgeqError("static int8: the calibration statistics do not match the model; "
                              "delete the build's .cache folder and build again")
-        src = out.with_name(f".{out.stem}.smoothed.onnx")
-        onnx.save(model, str(src))
         settings["smoothquant"] = {"alpha": r.smooth_alpha, "nodes": len(done)}
-    try:
-        corrected = quantize_static_recipe(src, out, r, ctx.facts["ranges_path"], method,
+    with _as_file(model if smoothed else src, out) as path:
+        corrected = quantize_static_recipe(path, out, r, ctx.facts["ranges_path"], method,
                                            exclude=[k["node"] for k in kept])
-    finally:
-        if smoothed:
-            src.unlink(missing_ok=True)
     extra = {}
     if r.fallback == "dynamic":
         kept, extra = _dynamic_fallback(ctx, out, kept)
@@ -218,25 +214,34 @@ def _smooth(ctx: BuildContext, model, nodes: set[str] | None) -> list[str] | Non
 
 def _quantize_dynamic(ctx: BuildContext, model, out: Path, nodes: list[str] | None) -> None:
     """onnxruntime's quantize_dynamic with the target's [dynamic] recipe, on a model file or an
-    in-memory model (saved beside `out` first: the quantizer takes a path); `nodes` limits it to
-    those nodes."""
-    import onnx
+    in-memory model; `nodes` limits it to those nodes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgeq.pipeline.hybrid import QTYPE, QUANTIZER_OPTIONS
 
     r = ctx.target.dynamic
-    tmp = out.with_name(f".{out.stem}.src.onnx")
-    try:
-        if not isinstance(model, (str, Path)):
-            onnx.save(model, str(tmp))
-            model = tmp
-        quantize_dynamic(str(model), str(out), op_types_to_quantize=list(r.op_types), per_channel=r.per_channel,
+    with _as_file(model, out) as path:
+        quantize_dynamic(str(path), str(out), op_types_to_quantize=list(r.op_types), per_channel=r.per_channel,
                          reduce_range=r.reduce_range, weight_type=getattr(QuantType, QTYPE[r.weight_type]),
                          nodes_to_quantize=nodes, extra_options=dict(QUANTIZER_OPTIONS))
+    _check(out)
+
+
+@contextlib.contextmanager
+def _as_file(model, out: Path):
+    """A path for onnxruntime's quantizers, which take files: `model` itself when it is one, else the
+    in-memory model saved beside `out` under a hidden name, deleted afterwards."""
+    if isinstance(model, (str, Path)):
+        yield Path(model)
+        return
+    import onnx
+
+    tmp = out.with_name(f".{out.stem}.src.onnx")
+    try:
+        onnx.save(model, str(tmp))
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
-    _check(out)
 
 
 def _check(path: Path) -> None:
