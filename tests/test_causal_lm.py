@@ -150,7 +150,8 @@ def test_language_model_user_errors(tiny_llama, tmp_path):
 def test_manifest_records_the_int4_recipe(llama_build):
     q = next(s for s in llama_build["stages"] if s["stage"] == "quantize")
     assert q["settings"]["int4"]["block_size"] == 16 and q["settings"]["int4"]["accuracy_level"] == 4
-    assert q["metrics"]["int4"]["MatMulNBits"] >= 14  # 2 layers x 7 projections + lm_head
+    # 2 layers x (packed qkv, o, gate, up, down) + lm_head
+    assert q["metrics"]["int4"]["MatMulNBits"] == 11
     on_disk = disk_manifest(_dir(llama_build) / "manifest.json")
     assert on_disk["artifacts"][2]["recipe"]["mode"] == "int4"
 
@@ -208,6 +209,16 @@ def test_attention_is_fused_into_group_query_attention(llama_build):
     g = onnx.load(str(_dir(llama_build) / "model.fp32.onnx"), load_external_data=False).graph
     assert "position_ids" not in {i.name for i in g.input}
     assert [o.name for o in g.output] == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    # q/k/v are one MatMul whose output GroupQueryAttention reads packed (key and value inputs empty)
+    inits = {i.name: i for i in g.initializer}
+    for gqa in [n for n in g.node if n.op_type == "GroupQueryAttention"]:
+        assert gqa.input[1] == gqa.input[2] == ""
+        qkv = next(n for n in g.node if gqa.input[0] in n.output)
+        assert qkv.op_type == "MatMul" and qkv.name.endswith("qkv_proj/MatMul")
+        heads, kv = ({a.name: a.i for a in gqa.attribute}[k] for k in ("num_heads", "kv_num_heads"))
+        hidden = inits[qkv.input[1]].dims[0]
+        assert list(inits[qkv.input[1]].dims) == [hidden, hidden + 2 * kv * hidden // heads]
+    assert not [n for n in g.node if n.name.endswith(("/q_proj/MatMul", "/k_proj/MatMul", "/v_proj/MatMul"))]
     # the int4 artifact keeps the fused attention and quantizes the projections around it
     g4 = onnx.load(str(_dir(llama_build) / "model.int4.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "GroupQueryAttention" for n in g4.node) == layers
