@@ -42,6 +42,7 @@ class Files:
     FUSED = "work/model.fused.onnx"
     FP32 = "model.fp32.onnx"
     CALIB_DIR = "calibration"
+    LM_ABSMAX = "calibration/absmax.npz"  # a causal LM's SmoothQuant statistics (it has no ranges)
     TOKENIZER_DIR = "tokenizer"
     MODEL_CONFIG = "config.json"
     BENCH_INPUTS = "work/bench_inputs.npz"

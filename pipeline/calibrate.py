@@ -93,6 +93,8 @@ def run(ctx: BuildContext) -> StageResult:
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     cfg = ctx.config
+    if cfg.get("family") == "causal-lm":
+        return _lm_absmax(ctx)
     method = cfg["calibration"]["method"]
     limit = cfg["calibration"]["samples"]
     batch_size = cfg["calibration"]["batch_size"]
@@ -191,12 +193,78 @@ def run(ctx: BuildContext) -> StageResult:
     # no timings in the file: it is part of the build, whose bytes must not depend on the clock
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
                                                              if k != "collect_seconds"}}, indent=2))
-    _store(cache, ranges_path, meta_path, stats)
+    _store(cache, {"ranges.json": ranges_path, "meta.json": meta_path, **stats})
     ctx.facts["ranges_path"] = ranges_path
     if by_tensor:
         ctx.facts["absmax_path"] = absmax_path
     ctx.facts["static_smoothed"] = static_smoothed
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
+
+
+def _lm_absmax(ctx: BuildContext) -> StageResult:
+    """A causal LM's calibration: no activation ranges (its int8 is dynamic, its int4 weight-only),
+    only the per-channel |max| of the inputs SmoothQuant smooths, for the dynamic artifact. Each
+    calibration text runs as one prompt of at most --max-length tokens on an empty cache. Cached
+    like the ranges, by model, tokens and statistic."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.calib import read_texts
+    from edgeq.pipeline.causal_lm import token_batches
+    from edgeq.pipeline.lm_runtime import KVModel
+
+    cfg = ctx.config
+    calib_path = cfg["calibration"]["path"]
+    texts = read_texts(Path(calib_path), limit=cfg["calibration"]["samples"], text_field=cfg["calibration"]["text_field"])
+    rows = token_batches(ctx.facts["tokenizer"], texts, cfg["max_length"])
+    if not rows:
+        raise EdgeqError(f"no calibration text in {calib_path} is 2 tokens or longer")
+    fp32 = ctx.path(Files.FP32)
+    key = {"model_sha256": sha256_file(fp32), "data_sha256": sha256_json([r.tolist() for r in rows]),
+           "statistic": "smoothquant input absmax, causal LM"}
+    absmax_path = ctx.path(Files.LM_ABSMAX)
+    meta_path = absmax_path.with_suffix(".meta.json")
+    absmax_path.unlink(missing_ok=True)
+    cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
+    settings = {"samples": len(rows), "max_length": cfg["max_length"], "data": calib_path,
+                "statistics": "per-channel |max| of the inputs SmoothQuant smooths (dynamic int8)"}
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+        if meta.get("key") == key and (cache / "absmax.npz").is_file():
+            absmax_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / "absmax.npz", absmax_path)
+            meta_path.write_text(json.dumps(meta, indent=2))
+            ctx.facts["absmax_path"] = absmax_path
+            return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], reused=True,
+                               metrics={**meta.get("metrics", {}), "cache": str(cache)})
+    except (OSError, json.JSONDecodeError):
+        pass  # no cache, or a damaged one: recompute
+
+    model = onnx.load(str(fp32))
+    by_tensor: dict[str, list[str]] = {}
+    for node, t in smooth.smoothable(model).items():
+        by_tensor.setdefault(t, []).append(node)
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in by_tensor if t not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    lm, names, absmax = KVModel(sess), list(by_tensor), smooth.AbsMaxCollector()
+    t0 = time.perf_counter()
+    for ids in ctx.track(rows, len(rows), "calibration text"):
+        for n, v in zip(names, sess.run(names, lm.feeds(ids, lm.empty_past(1), 0))):
+            absmax.add(n, v)
+    per_tensor = absmax.result()
+    absmax_path.parent.mkdir(parents=True, exist_ok=True)
+    smooth.save_npz(absmax_path, {node: per_tensor[t] for t, nodes in by_tensor.items() for node in nodes})
+    metrics = {"smoothing_inputs": len(names), "tokens": int(sum(r.shape[1] for r in rows)),
+               "collect_seconds": round(time.perf_counter() - t0, 3)}
+    meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
+                                                             if k != "collect_seconds"}}, indent=2))
+    _store(cache, {"absmax.npz": absmax_path, "meta.json": meta_path})
+    ctx.facts["absmax_path"] = absmax_path
+    return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], metrics=metrics)
 
 
 def _run_batches(ctx: BuildContext, model, names: list[str], samples, batch_size: int, fold, label: str) -> int:
@@ -255,15 +323,13 @@ def means_file(ranges_path: Path) -> Path:
     return ranges_path.with_suffix(".means.npz")
 
 
-def _store(cache: Path, ranges_path: Path, meta_path: Path, stats: dict[str, Path]) -> None:
-    """Publish ranges, and the `stats` files this run wrote (name in the cache -> path), to the
-    shared cache atomically: a directory renamed into place whole."""
+def _store(cache: Path, files: dict[str, Path]) -> None:
+    """Publish the files this run wrote (name in the cache -> path) to the shared cache
+    atomically: a directory renamed into place whole."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     try:
-        shutil.copyfile(ranges_path, tmp / "ranges.json")
-        shutil.copyfile(meta_path, tmp / "meta.json")
-        for name, path in stats.items():
+        for name, path in files.items():
             if path.is_file():
                 shutil.copyfile(path, tmp / name)
         if cache.exists():

@@ -35,16 +35,20 @@ class KVModel:
             past[n] = np.zeros((batch, shape[1], 0, shape[3]), dtype=self.float_type)
         return past
 
-    def forward(self, ids: np.ndarray, past: dict, past_len: int):
-        """Logits [batch, len, vocab] for `ids` [batch, len] after `past_len` cached tokens, and the
-        new cache."""
+    def feeds(self, ids: np.ndarray, past: dict, past_len: int) -> dict:
+        """The session's inputs for `ids` [batch, len] after `past_len` cached tokens."""
         b, t = ids.shape
         feeds = {"input_ids": ids.astype(np.int64), **past}
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((b, past_len + t), dtype=np.int64)
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (b, t)).copy()
-        outs = self.sess.run(self.output_names, feeds)
+        return feeds
+
+    def forward(self, ids: np.ndarray, past: dict, past_len: int):
+        """Logits [batch, len, vocab] for `ids` [batch, len] after `past_len` cached tokens, and the
+        new cache."""
+        outs = self.sess.run(self.output_names, self.feeds(ids, past, past_len))
         return outs[0], dict(zip(self.past_names, outs[1:]))
 
     def generate(self, ids: np.ndarray, new_tokens: int, eos=(), on_token=None):

@@ -192,7 +192,7 @@ def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
     smoothed = None
     if ctx.facts.get("absmax_path"):
         model = onnx.load(str(src))
-        smoothed = _smooth(ctx, model, None)
+        smoothed = _smooth(ctx, model, None, fold=True)  # dynamic int8 measures no range of a smoothed input
     if smoothed:
         settings["smoothquant"] = {"alpha": r.smooth_alpha, "nodes": len(smoothed)}
     _quantize_dynamic(ctx, model if smoothed else src, out, nodes=None)
@@ -201,7 +201,7 @@ def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
     return settings, {"size_bytes": model_size_bytes(out), **({"smoothed": smoothed} if smoothed else {})}
 
 
-def _smooth(ctx: BuildContext, model, nodes: set[str] | None) -> list[str] | None:
+def _smooth(ctx: BuildContext, model, nodes: set[str] | None, fold: bool = False) -> list[str] | None:
     """SmoothQuant on `model` in place (pipeline/smooth.py) when the calibrate stage measured the
     activations for it (it does when `smooth.wanted`); None when it does not apply."""
     from edgeq.pipeline import smooth
@@ -209,7 +209,7 @@ def _smooth(ctx: BuildContext, model, nodes: set[str] | None) -> list[str] | Non
     path = ctx.facts.get("absmax_path")
     if not path or not Path(path).is_file():
         return None
-    return smooth.smooth(model, smooth.load_absmax(path), ctx.target.dynamic.smooth_alpha, nodes)
+    return smooth.smooth(model, smooth.load_absmax(path), ctx.target.dynamic.smooth_alpha, nodes, fold=fold)
 
 
 def _quantize_dynamic(ctx: BuildContext, model, out: Path, nodes: list[str] | None) -> None:

@@ -264,3 +264,37 @@ def test_attention_fusion_applies_only_to_llama_attention():
                           [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 4])])
     m = helper.make_model(g)
     assert lm_fusion.fuse_group_query_attention(m, base) == 0 and len(m.graph.node) == 1
+
+
+def test_dynamic_int8_is_smoothed_with_statistics_from_calibration_text(llama_build):
+    """The calibrate stage runs each calibration text through the fp32 LM and keeps the per-channel
+    |max| of every projection's input; the int8-dynamic artifact is SmoothQuant-ed with them. Where
+    the input comes from an RMSNorm's scale (q/k/v, gate/up, lm_head), the division is folded into
+    that scale; o_proj and down_proj get a Mul each."""
+    from edgeq.pipeline import smooth
+
+    cal = next(s for s in llama_build["stages"] if s["stage"] == "calibrate")
+    assert cal["outputs"] == ["calibration/absmax.npz"] and cal["metrics"]["tokens"] > 0
+    layers = 2
+    stats = smooth.load_absmax(_dir(llama_build) / "calibration" / "absmax.npz")
+    assert len(stats) == layers * 5 + 1 and all(np.all(v >= 0) and v.any() for v in stats.values())
+    q = next(s for s in llama_build["stages"] if s["stage"] == "quantize")
+    assert q["settings"]["dynamic"]["smoothquant"] == {"alpha": 0.75, "nodes": layers * 5 + 1}
+    g = onnx.load(str(_dir(llama_build) / "model.int8-dynamic.onnx")).graph
+    smoothing = sorted(n.name for n in g.node if n.op_type == "Mul" and n.name.endswith("_smooth"))
+    assert smoothing == sorted(f"/model/layers.{i}/{p}/MatMul_smooth" for i in range(layers)
+                               for p in ("self_attn/o_proj", "mlp/down_proj"))
+    # folded: the Mul by the RMSNorm weight that feeds layer 0's q/k/v now divides by s as well
+    from onnx import numpy_helper
+
+    def scale_of(graph, mul_name):
+        inits = {i.name: i for i in graph.initializer}
+        mul = next(n for n in graph.node if n.name == mul_name)
+        return numpy_helper.to_array(inits[next(i for i in mul.input if i in inits)])
+
+    fp = onnx.load(str(_dir(llama_build) / "model.fp32.onnx")).graph
+    x = next(n for n in fp.node if n.name == "/model/layers.0/self_attn/qkv_proj/MatMul").input[0]
+    mul = next(n for n in fp.node if x in n.output)
+    assert mul.op_type == "Mul"
+    before, after = scale_of(fp, mul.name), scale_of(g, mul.name)
+    assert before.shape == after.shape and not np.allclose(before, after)

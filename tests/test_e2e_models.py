@@ -49,6 +49,8 @@ def test_smollm2_int4_is_small_and_close_to_fp32(smollm2):
     assert arts["int4"]["size_vs_fp32"] <= 0.30
     ppl = {k: v["task"]["value"] for k, v in arts.items()}
     assert ppl["int4"] <= ppl["fp32"] * 1.05, ppl
+    # SmoothQuant with statistics from the default calibration text: +65% without it, +7.7% with
+    assert ppl["int8-dynamic"] <= ppl["fp32"] * 1.15, ppl
     for m in arts.values():  # decode speed of all three, measured in one run
         assert m["decode_tokens_per_s"] > 0 and m["prefill_p50_ms"] > 0
 

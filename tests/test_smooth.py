@@ -19,8 +19,8 @@ def _model(w: np.ndarray, shared: bool = False):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model, x):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+def _run(model, x, name="x"):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})
 
 
 def test_smoothing_is_exact_in_float_and_moves_outliers_into_the_weight():
@@ -70,3 +70,51 @@ def test_statistics_file_is_byte_stable(tmp_path):
     assert (tmp_path / "1.npz").read_bytes() == (tmp_path / "2.npz").read_bytes()
     back = smooth.load_absmax(tmp_path / "1.npz")
     assert set(back) == set(arrays) and np.array_equal(back["b/x"], arrays["b/x"])
+
+
+def _prenorm(residual_reads_it: bool):
+    """h -> Mul(h, gamma) = x -> two MatMuls (a pre-norm decoder's RMSNorm scale feeding gate/up),
+    and, when `residual_reads_it`, an Add that also reads x."""
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 4)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 16).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["h", "gamma"], ["x"], name="norm_scale"),
+             helper.make_node("MatMul", ["x", "w1"], ["y1"], name="gate"),
+             helper.make_node("MatMul", ["x", "w2"], ["y2"], name="up")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, None]) for n in ("y1", "y2")]
+    if residual_reads_it:
+        nodes.append(helper.make_node("Add", ["x", "h"], ["r"], name="residual"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [None, 16]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, 16])], outputs,
+                          [numpy_helper.from_array(a, n) for a, n in ((gamma, "gamma"), (w1, "w1"), (w2, "w2"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), gamma, w1, w2
+
+
+def test_folding_puts_the_division_into_the_producing_scale():
+    """fold=True: the readers of Mul(h, gamma) share one s, gamma / s replaces the Muls smoothing
+    would add, and the outputs stay what they were; an input the residual also reads is not folded."""
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(32, 16)).astype(np.float32)
+    h[:, 5] *= 30  # an outlier channel
+    model, gamma, w1, w2 = _prenorm(residual_reads_it=False)
+    before = _run(model, h, "h")
+    a = np.abs(h * gamma).max(0)
+    assert sorted(smooth.smooth(model, {"gate": a, "up": a}, 0.75, fold=True)) == ["gate", "up"]
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "MatMul", "MatMul"]  # no Mul added
+    for got, ref in zip(_run(model, h, "h"), before):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    s = gamma / inits["gamma"]  # one s for both readers, from their weights' joint row maxima
+    np.testing.assert_allclose(s, smooth.scales(a, np.concatenate([w1, w2], 1), 0.75), rtol=1e-5)
+    np.testing.assert_allclose(inits["w1"], w1 * s[:, None], rtol=1e-5)
+    np.testing.assert_allclose(inits["w2"], w2 * s[:, None], rtol=1e-5)
+    assert np.abs(h * inits["gamma"]).max() < np.abs(h * gamma).max() / 3  # the outlier went into the weights
+
+    model, gamma, _, _ = _prenorm(residual_reads_it=True)
+    before = _run(model, h, "h")
+    assert sorted(smooth.smooth(model, {"gate": a, "up": a}, 0.75, fold=True)) == ["gate", "up"]
+    assert [n.op_type for n in model.graph.node].count("Mul") == 3  # the residual needs x unscaled: two Muls
+    assert np.array_equal(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "gamma")), gamma)
+    for got, ref in zip(_run(model, h, "h"), before):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
