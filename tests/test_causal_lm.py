@@ -266,7 +266,7 @@ def test_attention_fusion_applies_only_to_llama_attention():
     assert lm_fusion.fuse_group_query_attention(m, base) == 0 and len(m.graph.node) == 1
 
 
-def test_dynamic_int8_is_smoothed_with_statistics_from_calibration_text(llama_build):
+def test_dynamic_int8_is_smoothed_with_statistics_from_calibration_text(llama_build, tiny_llama):
     """The calibrate stage runs each calibration text through the fp32 LM and keeps the per-channel
     |max| of every projection's input; the int8-dynamic artifact is SmoothQuant-ed with them. Where
     the input comes from an RMSNorm's scale (q/k/v, gate/up, lm_head), the division is folded into
@@ -298,3 +298,10 @@ def test_dynamic_int8_is_smoothed_with_statistics_from_calibration_text(llama_bu
     assert mul.op_type == "Mul"
     before, after = scale_of(fp, mul.name), scale_of(g, mul.name)
     assert before.shape == after.shape and not np.allclose(before, after)
+    # a rebuild into the same --out reuses the statistics and makes the same artifact
+    import hashlib
+
+    digest = hashlib.sha256((_dir(llama_build) / "model.int8-dynamic.onnx").read_bytes()).hexdigest()
+    again = run_build(tiny_llama, _dir(llama_build).parents[1], runs=2, block_size=16)
+    assert next(s for s in again["stages"] if s["stage"] == "calibrate")["reused"] is True
+    assert hashlib.sha256((_dir(again) / "model.int8-dynamic.onnx").read_bytes()).hexdigest() == digest
