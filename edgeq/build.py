@@ -121,7 +121,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         wrong = [m for m in modes if m not in LM_MODES]
         if wrong:
             raise EdgeqError(f"mode {', '.join(wrong)} is not built for causal language models "
-                             f"(they get weight-only {' and '.join(LM_MODES)}: no activation calibration)")
+                             f"(they get {' and '.join(LM_MODES)}: a decoder's activation ranges are not calibrated)")
         if block_size not in (16, 32, 64, 128, 256):
             raise EdgeqError(f"--block-size must be one of 16, 32, 64, 128, 256, got {block_size}")
         if accuracy_level not in (0, 1, 2, 3, 4):
