@@ -131,22 +131,14 @@ def run(ctx: BuildContext) -> StageResult:
     settings = {"method": method, "samples": len(samples) if isinstance(samples, list) else
                 len(next(iter(samples.values()))), "batch_size": batch_size, "max_length": max_length,
                 "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
-    try:
-        meta = json.loads((cache / "meta.json").read_text())
-        if meta.get("key") == key and all((cache / n).is_file() for n in ("ranges.json", *stats)):
-            ranges_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cache / "ranges.json", ranges_path)
-            for name, path in stats.items():
-                shutil.copyfile(cache / name, path)
-            meta_path.write_text(json.dumps(meta, indent=2))
-            ctx.facts["ranges_path"] = ranges_path
-            if "absmax.npz" in stats:
-                ctx.facts["absmax_path"] = absmax_path
-            ctx.facts["static_smoothed"] = meta.get("metrics", {}).get("static_smoothed", [])
-            return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
-                               metrics={**meta.get("metrics", {}), "cache": str(cache)})
-    except (OSError, json.JSONDecodeError):
-        pass  # no cache, or a damaged one: recompute
+    meta = _from_cache(cache, key, {"ranges.json": ranges_path, **stats}, meta_path)
+    if meta is not None:
+        ctx.facts["ranges_path"] = ranges_path
+        if "absmax.npz" in stats:
+            ctx.facts["absmax_path"] = absmax_path
+        ctx.facts["static_smoothed"] = meta.get("metrics", {}).get("static_smoothed", [])
+        return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
+                           metrics={**meta.get("metrics", {}), "cache": str(cache)})
 
     model = onnx.load(str(fp32))
     names = tensors_to_calibrate(model, set(op_types))
@@ -207,7 +199,6 @@ def _lm_absmax(ctx: BuildContext) -> StageResult:
     calibration text runs as one prompt of at most --max-length tokens on an empty cache. Cached
     like the ranges, by model, tokens and statistic."""
     import onnx
-    import onnxruntime as ort
 
     from edgeq.calib import read_texts
     from edgeq.pipeline.causal_lm import token_batches
@@ -228,29 +219,20 @@ def _lm_absmax(ctx: BuildContext) -> StageResult:
     cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
     settings = {"samples": len(rows), "max_length": cfg["max_length"], "data": calib_path,
                 "statistics": "per-channel |max| of the inputs SmoothQuant smooths (dynamic int8)"}
-    try:
-        meta = json.loads((cache / "meta.json").read_text())
-        if meta.get("key") == key and (cache / "absmax.npz").is_file():
-            absmax_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cache / "absmax.npz", absmax_path)
-            meta_path.write_text(json.dumps(meta, indent=2))
-            ctx.facts["absmax_path"] = absmax_path
-            return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], reused=True,
-                               metrics={**meta.get("metrics", {}), "cache": str(cache)})
-    except (OSError, json.JSONDecodeError):
-        pass  # no cache, or a damaged one: recompute
+    meta = _from_cache(cache, key, {"absmax.npz": absmax_path}, meta_path)
+    if meta is not None:
+        ctx.facts["absmax_path"] = absmax_path
+        return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], reused=True,
+                           metrics={**meta.get("metrics", {}), "cache": str(cache)})
 
     model = onnx.load(str(fp32))
     by_tensor: dict[str, list[str]] = {}
     for node, t in smooth.smoothable(model).items():
         by_tensor.setdefault(t, []).append(node)
-    have = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in by_tensor if t not in have)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = list(by_tensor)
+    sess = _probe_session(model, names, optimized=True)
     del model
-    lm, names, absmax = KVModel(sess), list(by_tensor), smooth.AbsMaxCollector()
+    lm, absmax = KVModel(sess), smooth.AbsMaxCollector()
     t0 = time.perf_counter()
     for ids in ctx.track(rows, len(rows), "calibration text"):
         for n, v in zip(names, sess.run(names, lm.feeds(ids, lm.empty_past(1), 0))):
@@ -271,19 +253,9 @@ def _run_batches(ctx: BuildContext, model, names: list[str], samples, batch_size
     """Runs `model` (an in-memory ModelProto, changed here: `names` become graph outputs) over the
     calibration samples batch by batch, handing each named tensor to `fold(name, value)` at once.
     Returns the number of batches."""
-    import onnx
-    import onnxruntime as ort
-
     from edgeq.calib import model_feeds
 
-    have = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in have:
-            model.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ranges of the graph as saved
-    so.log_severity_level = 4  # a failure is raised below with its message; no coloured log line too
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _probe_session(model, names, optimized=False)  # ranges of the graph as saved
     calib_path = ctx.config["calibration"]["path"]
     batches = 0
     n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
@@ -297,6 +269,39 @@ def _run_batches(ctx: BuildContext, model, names: list[str], samples, batch_size
             fold(n, v)
         batches += 1
     return batches
+
+
+def _probe_session(model, names: list[str], optimized: bool):
+    """A CPU session over `model` (an in-memory ModelProto, changed here) with the tensors `names`
+    added to its outputs. `optimized`: ORT's graph optimizations on (they keep graph outputs);
+    off, the values are those of the graph exactly as saved."""
+    import onnx
+    import onnxruntime as ort
+
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    so = ort.SessionOptions()
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4  # a failure is raised by the caller with its message; no coloured log line too
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _from_cache(cache: Path, key: dict, files: dict[str, Path], meta_path: Path) -> dict | None:
+    """The cached run's meta when `cache` holds a run with this `key` and every file in `files` (name
+    in the cache -> where this build wants it), those files then copied into place and the meta
+    written to `meta_path`; None on a miss or a damaged cache (the caller recomputes)."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+        if meta.get("key") != key or not all((cache / n).is_file() for n in files):
+            return None
+        for name, path in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / name, path)
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return meta
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _smoothed_ranges(ctx: BuildContext, fp32: Path, recipe, absmax: dict[str, np.ndarray], samples,
