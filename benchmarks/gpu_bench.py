@@ -11,7 +11,7 @@ Results of 2026-11-23 on an H100 (onnxruntime-gpu 1.31.1, CUDA 13): benchmarks/r
 import json, os, sys, time
 from pathlib import Path
 import onnxruntime as ort
-from edgeq.pipeline.measure import measure
+from edgeq.measure import measure
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers(), flush=True)
 d = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/parts")
 models = [d / "model.fp32.onnx", d / "model.fp16.onnx"]

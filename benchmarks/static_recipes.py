@@ -23,9 +23,9 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 from transformers import AutoTokenizer
 
 from edgeq.calib import TextFeeds, default_calibration_path, default_eval_path, mask_of, model_feeds, read_texts
-from edgeq.pipeline.measure import measure
+from edgeq.measure import measure
 from edgeq.pipeline.calibrate import RangeCollector, tensors_to_calibrate
-from edgeq.pipeline.metrics import pooled
+from edgeq.metrics import pooled
 from edgeq.pipeline.quantize import nodes_kept_float
 
 EX = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}

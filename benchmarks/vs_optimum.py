@@ -270,7 +270,7 @@ def eval_samples(tok, calib_texts: list[str], eval_path: Path, n: int, input_nam
 def embed(path: str, samples) -> np.ndarray:
     import onnxruntime as ort
 
-    from edgeq.pipeline.metrics import pooled
+    from edgeq.metrics import pooled
 
     so = ort.SessionOptions()
     so.log_severity_level = 4
@@ -286,7 +286,7 @@ def torch_reference(model_dir: Path, task: str, samples, input_names: list[str])
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from edgeq.pipeline.metrics import pooled
+    from edgeq.metrics import pooled
 
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
     with quiet():
@@ -314,7 +314,7 @@ def bench_inputs(tok, eval_path: Path, seq_len: int, path: Path, text_field: str
 
 def measure_latency(rows: list[dict], inputs: Path, args) -> None:
     """Every row that has a model, interleaved in one process with edgeq's runner; speedups vs the first."""
-    from edgeq.pipeline.measure import measure, run_runner
+    from edgeq.measure import measure, run_runner
 
     live = [r for r in rows if "error" not in r]
     # the runner's default 120 s cap would cut a long comparison short; the cap here only guards a hang
@@ -592,7 +592,7 @@ def compare(args) -> dict:
         ref = torch_reference(model, task, samples, list(tok.model_input_names))
     else:
         ref = None
-    from edgeq.pipeline.metrics import row_cosine
+    from edgeq.metrics import row_cosine
 
     for r in rows:
         if "error" in r:

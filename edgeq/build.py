@@ -377,7 +377,7 @@ def _build_locked(config, final: Path, partial: Path, log, fresh: bool, targets,
     try:
         # Library code prints progress to stdout; stdout belongs to `--json`.
         with contextlib.redirect_stdout(sys.stderr):
-            from edgeq.pipeline.smooth import wanted as smooth_wanted
+            from edgeq.pipeline.ops.smooth import wanted as smooth_wanted
 
             for i, stage in enumerate(STAGES, 1):
                 if i <= len(records):

@@ -236,7 +236,7 @@ def bench(artifact_dir, host, port, identity, known_hosts, ssh_options, connect_
     from pathlib import Path
 
     from edgeq.core import load_manifest
-    from edgeq.pipeline.remote import SshTarget, bench as run_bench, table
+    from edgeq.commands.remote import SshTarget, bench as run_bench, table
 
     build_dir = Path(artifact_dir)
     manifest = load_manifest(build_dir)  # a user error before anything touches the network
@@ -271,7 +271,7 @@ def parity(artifact_dir, target, cache_dir, install_deps, as_json) -> None:
     Records the result in the manifest under parity[<target>]. Exit 0: parity holds; 3: it does not
     (a failed check); 2: user error, or emulation cannot be set up (the message says why).
     """
-    from edgeq.pipeline.parity import EXIT_PARITY_FAILED, run_parity, table
+    from edgeq.commands.parity import EXIT_PARITY_FAILED, run_parity, table
 
     log = (lambda m: click.echo(m, err=True)) if sys.stderr.isatty() else (lambda m: None)
     record = run_parity(artifact_dir, target, cache_dir=cache_dir, install_deps=install_deps, log=log)
@@ -291,7 +291,7 @@ def inspect_cmd(artifact_dir, artifact, all_nodes, as_json) -> None:
     """Per-node precision of each artifact, and the measured sensitivity ranking."""
     from pathlib import Path
 
-    from edgeq.pipeline.precision_map import inspect_build, render
+    from edgeq.commands.inspect import inspect_build, render
 
     report = inspect_build(Path(artifact_dir), artifact)
     if as_json:
@@ -314,7 +314,7 @@ def publish(build_dir, to, version, as_json) -> None:
     tokenizer and packaging files, the stable manifest, a README and SHA256SUMS."""
     from pathlib import Path
 
-    from edgeq.pipeline.publish import publish as run_publish
+    from edgeq.commands.publish import publish as run_publish
 
     result = run_publish(Path(build_dir), Path(to), version)
     if as_json:
@@ -331,7 +331,7 @@ def verify(bundle, as_json) -> None:
     it. Exit 0: intact; 3: a file is missing, changed or unaccounted for; 2: not a readable bundle."""
     from pathlib import Path
 
-    from edgeq.pipeline.publish import EXIT_VERIFY_FAILED, verify as run_verify
+    from edgeq.commands.publish import EXIT_VERIFY_FAILED, verify as run_verify
 
     result = run_verify(Path(bundle))
     if as_json:
@@ -353,7 +353,7 @@ def report(paths, out_dir) -> None:
     build directories, or a model's folder holding a build per target."""
     from pathlib import Path
 
-    from edgeq.pipeline.report import write_report
+    from edgeq.commands.report import write_report
 
     result = write_report([Path(p) for p in paths], Path(out_dir) if out_dir else None)
     click.echo(f"wrote {result['html']} and {result['markdown']}")
@@ -397,7 +397,7 @@ def generate(artifact_dir, prompt, artifact, max_new_tokens, chat, threads) -> N
     """
     from pathlib import Path
 
-    from edgeq.pipeline.causal_lm import generate_text
+    from edgeq.causal_lm import generate_text
 
     if max_new_tokens < 1:
         raise EdgeqError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

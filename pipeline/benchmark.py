@@ -11,7 +11,7 @@ import platform
 
 
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.pipeline.measure import ensure_bench_inputs, measure
+from edgeq.measure import ensure_bench_inputs, measure
 
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, sha256_file, sha256_json
-from edgeq.pipeline import bias_correction, smooth
+from edgeq.pipeline.ops import bias_correction, smooth
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
@@ -201,8 +201,8 @@ def _lm_absmax(ctx: BuildContext) -> StageResult:
     import onnx
 
     from edgeq.calib import read_texts
-    from edgeq.pipeline.causal_lm import token_batches
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.causal_lm import token_batches
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     cfg = ctx.config
     calib_path = cfg["calibration"]["path"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core import BuildContext, EdgeqError, StageResult
-from edgeq.pipeline.metrics import fidelity, pooled, task_metric
+from edgeq.metrics import fidelity, pooled, task_metric
 
 
 DEFAULT_TEXT_SAMPLES = 120  # unlabelled evaluation text read when --eval-samples is not given
@@ -129,7 +129,7 @@ def _causal_lm(ctx: BuildContext) -> StageResult:
     """Perplexity of every artifact on held-out text (each sample a row of at most --max-length
     tokens, one call with an empty cache), and agreement with fp32's next-token predictions."""
     from edgeq.calib import read_eval_set
-    from edgeq.pipeline import causal_lm
+    from edgeq import causal_lm
 
     cfg = ctx.config["evaluation"]
     path = Path(cfg["path"])

@@ -306,7 +306,7 @@ def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
     """A decoder-only LM (a Hugging Face folder, or a GGUF file converted to one) exported with its
     key/value cache, then checked against PyTorch: logits on real text, and greedy generation."""
     from edgeq.calib import default_eval_path, read_texts
-    from edgeq.pipeline import causal_lm
+    from edgeq import causal_lm
 
     src = ctx.model_path
     settings = {"source": str(src), "kind": ctx.model_kind, "task": "text-generation",

@@ -156,8 +156,8 @@ def _fuse_decoder(ctx: BuildContext, out: Path, large: bool) -> tuple[dict[str, 
 
     import onnx
 
-    from edgeq.pipeline import lm_fusion
-    from edgeq.pipeline.causal_lm import session
+    from edgeq.pipeline.ops import lm_fusion
+    from edgeq.causal_lm import session
 
     cfg = ctx.facts.get("hf_config") or {}
     why = lm_fusion.fusable(cfg) or ("the model keeps its weights in external data" if large else None)

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.pipeline.metrics import pooled, row_cosine, task_metric
+from edgeq.metrics import pooled, row_cosine, task_metric
 
 
 def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = None) -> dict:
@@ -76,8 +76,8 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     import onnxruntime as ort
 
     from edgeq.calib import TextFeeds, mask_of, model_feeds
-    from edgeq.pipeline import hybrid
-    from edgeq.pipeline.measure import ensure_bench_inputs, run_runner
+    from edgeq.pipeline.ops import hybrid
+    from edgeq.measure import ensure_bench_inputs, run_runner
     from edgeq.pipeline.quantize import first_layers_kept_float
 
     budget = ctx.config["max_accuracy_drop"]

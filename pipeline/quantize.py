@@ -84,7 +84,7 @@ def run(ctx: BuildContext) -> StageResult:
 
 
 def _int4(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgeq.pipeline.causal_lm import GGUF_BLOCK, quantize_int4, repack_gguf_grids
+    from edgeq.causal_lm import GGUF_BLOCK, quantize_int4, repack_gguf_grids
 
     cfg = ctx.config["int4"]
     out = ctx.path(Files.model("int4"))
@@ -114,7 +114,7 @@ def _int4(ctx: BuildContext) -> tuple[dict, dict]:
 def _static(ctx: BuildContext) -> tuple[dict, dict]:
     import onnx
 
-    from edgeq.pipeline.hybrid import quantize_static_recipe
+    from edgeq.pipeline.ops.hybrid import quantize_static_recipe
 
     r = ctx.target.static_for(ctx.config.get("family"))
     method = ctx.config["calibration"]["method"]
@@ -133,7 +133,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                 "calibration": method, "keep_float_after": list(r.keep_float_after),
                 "bias_correction": r.bias_correction, "keep_float_first": r.keep_float_first}
     if smoothed:
-        from edgeq.pipeline import smooth
+        from edgeq.pipeline.ops import smooth
 
         done = smooth.smooth(model, smooth.load_absmax(ctx.facts["absmax_path"]), r.smooth_alpha, set(smoothed))
         if sorted(done) != sorted(smoothed):
@@ -204,7 +204,7 @@ def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
 def _smooth(ctx: BuildContext, model, nodes: set[str] | None, fold: bool = False) -> list[str] | None:
     """SmoothQuant on `model` in place (pipeline/smooth.py) when the calibrate stage measured the
     activations for it (it does when `smooth.wanted`); None when it does not apply."""
-    from edgeq.pipeline import smooth
+    from edgeq.pipeline.ops import smooth
 
     path = ctx.facts.get("absmax_path")
     if not path or not Path(path).is_file():
@@ -217,7 +217,7 @@ def _quantize_dynamic(ctx: BuildContext, model, out: Path, nodes: list[str] | No
     in-memory model; `nodes` limits it to those nodes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgeq.pipeline.hybrid import QTYPE, QUANTIZER_OPTIONS
+    from edgeq.pipeline.ops.hybrid import QTYPE, QUANTIZER_OPTIONS
 
     r = ctx.target.dynamic
     with _as_file(model, out) as path:

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.pipeline import bias_correction
+from edgeq.pipeline.ops import bias_correction
 
 
 def _conv_model(w, b, group):

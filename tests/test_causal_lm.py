@@ -36,8 +36,8 @@ def test_decoder_is_exported_with_its_cache_and_checked_against_pytorch(llama_bu
 
 def test_kv_cache_decoding_equals_recomputing_the_whole_sequence(llama_build):
     """The cache path (one token per call) must give the logits a full forward pass gives."""
-    from edgeq.pipeline.causal_lm import session
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.causal_lm import session
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     lm = KVModel(session(_dir(llama_build) / "model.fp32.onnx"))
     ids = np.array([[5, 17, 42, 8, 99, 3, 12]], dtype=np.int64)
@@ -104,8 +104,8 @@ def test_generate_command_streams_greedy_text(llama_build):
     from transformers import AutoTokenizer
 
     from edgeq.cli import cli
-    from edgeq.pipeline.causal_lm import session
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.causal_lm import session
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     d = _dir(llama_build)
     r = CliRunner().invoke(cli, ["generate", str(d), "the model is", "-n", "8", "-a", "fp32"])
@@ -163,7 +163,7 @@ def test_gguf_grid_repack_is_exact_and_handles_shared_weights(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.pipeline.causal_lm import repack_gguf_grids
+    from edgeq.causal_lm import repack_gguf_grids
 
     rng = np.random.default_rng(0)
     k, n = 64, 8
@@ -227,8 +227,8 @@ def test_attention_is_fused_into_group_query_attention(llama_build):
 def test_attention_fusion_is_checked_against_the_export(llama_build, tiny_llama):
     """A fusion that does not compute what the export does is caught: with the wrong rotary base
     the check sees the logits move; with the right one they agree to float precision."""
-    from edgeq.pipeline import lm_fusion
-    from edgeq.pipeline.causal_lm import session
+    from edgeq.pipeline.ops import lm_fusion
+    from edgeq.causal_lm import session
 
     exported = _dir(llama_build) / "work" / "export" / "model.onnx"
     cfg = json.loads((tiny_llama / "config.json").read_text())
@@ -246,7 +246,7 @@ def test_attention_fusion_is_checked_against_the_export(llama_build, tiny_llama)
 
 
 def test_attention_fusion_applies_only_to_llama_attention():
-    from edgeq.pipeline import lm_fusion
+    from edgeq.pipeline.ops import lm_fusion
 
     base = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
             "max_position_embeddings": 128}
@@ -271,7 +271,7 @@ def test_dynamic_int8_is_smoothed_with_statistics_from_calibration_text(llama_bu
     |max| of every projection's input; the int8-dynamic artifact is SmoothQuant-ed with them. Where
     the input comes from an RMSNorm's scale (q/k/v, gate/up, lm_head), the division is folded into
     that scale; o_proj and down_proj get a Mul each."""
-    from edgeq.pipeline import smooth
+    from edgeq.pipeline.ops import smooth
 
     cal = next(s for s in llama_build["stages"] if s["stage"] == "calibrate")
     assert cal["outputs"] == ["calibration/absmax.npz"] and cal["metrics"]["tokens"] > 0

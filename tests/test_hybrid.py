@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.pipeline import hybrid
+from edgeq.pipeline.ops import hybrid
 
 
 def _run(model, feeds):
@@ -144,7 +144,7 @@ def test_inspect_reports_node_precisions_and_ranking(tiny_bert, tmp_path):
     import sys
 
     from conftest import run_build
-    from edgeq.pipeline.precision_map import inspect_build, render
+    from edgeq.commands.inspect import inspect_build, render
 
     m = run_build(tiny_bert, tmp_path, target="arm64", max_accuracy_drop=1e-9)
     b = Path(m["build_dir"])

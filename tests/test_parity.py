@@ -21,7 +21,7 @@ import pytest
 from conftest import disk_manifest
 
 from edgeq.core import EdgeqError
-from edgeq.pipeline import parity
+from edgeq.commands import parity
 from test_cli import assert_user_error
 
 FAKE_QEMU = """#!/bin/sh

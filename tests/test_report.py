@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgeq.core import EdgeqError, atomic_write_json, load_manifest
-from edgeq.pipeline.report import write_report
+from edgeq.commands.report import write_report
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "col", "area", "base", "embed", "source", "track", "wbr"}
 

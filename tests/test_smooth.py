@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.pipeline import smooth
+from edgeq.pipeline.ops import smooth
 
 
 def _model(w: np.ndarray, shared: bool = False):

@@ -254,7 +254,7 @@ def test_nodes_kept_float_rule():
 # -- evaluate -----------------------------------------------------------------------------------
 
 def test_pooled_is_masked_mean():
-    from edgeq.pipeline.metrics import pooled
+    from edgeq.metrics import pooled
 
     out = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
     mask = np.array([[1, 1, 0], [1, 0, 0]])
@@ -263,7 +263,7 @@ def test_pooled_is_masked_mean():
 
 
 def test_fidelity_numbers():
-    from edgeq.pipeline.metrics import fidelity
+    from edgeq.metrics import fidelity
 
     ref = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
     got = np.array([[1.0, 1.0], [0.0, 2.0]], np.float32)
@@ -353,7 +353,7 @@ def test_bench_inputs_are_all_real_tokens(tiny_build):
 
 
 def test_runner_reports_errors_as_json(tmp_path):
-    from edgeq.pipeline.measure import run_runner
+    from edgeq.measure import run_runner
 
     np.savez(tmp_path / "in.npz", x=np.zeros(1))
     r = run_runner({"models": [str(tmp_path / "missing.onnx")], "inputs": str(tmp_path / "in.npz")})
@@ -503,7 +503,7 @@ def test_partition_coverage_is_recorded(tiny_build):
 
 
 def test_runner_says_why_a_provider_is_unavailable(tiny_build):
-    from edgeq.pipeline.measure import run_runner
+    from edgeq.measure import run_runner
 
     b = _bdir(tiny_build)
     r = run_runner({"models": [str(b / "model.fp32.onnx")], "inputs": str(b / "work/bench_inputs.npz"),

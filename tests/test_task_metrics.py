@@ -9,7 +9,7 @@ import pytest
 from conftest import run_build
 from edgeq.calib import read_eval_set
 from edgeq.core import EdgeqError
-from edgeq.pipeline.metrics import pair_cosines, probe_accuracy, spearman
+from edgeq.metrics import pair_cosines, probe_accuracy, spearman
 
 
 def _jsonl(path, rows):
@@ -122,7 +122,7 @@ def test_build_reports_spearman_on_pairs(tiny_bert, tmp_path):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from edgeq.pipeline.metrics import pooled
+    from edgeq.metrics import pooled
     build_dir = tmp_path / "out" / m["model"]["name"] / m["target"]["name"]
     sess = ort.InferenceSession(str(build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
     tok = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))

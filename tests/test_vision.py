@@ -166,7 +166,7 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     import onnx
     import onnxruntime as ort
 
-    from edgeq.pipeline import hybrid
+    from edgeq.pipeline.ops import hybrid
     from edgeq.targets import load
 
     d = Path(cnn_build["build_dir"])
@@ -200,7 +200,7 @@ def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(
     import onnx
     import onnxruntime as ort
 
-    from edgeq.pipeline import hybrid
+    from edgeq.pipeline.ops import hybrid
     from edgeq.targets import load
 
     d = Path(cnn_build["build_dir"])
@@ -226,7 +226,7 @@ def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(
 def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
     import onnx
 
-    from edgeq.pipeline.hybrid import depthwise_full_range
+    from edgeq.pipeline.ops.hybrid import depthwise_full_range
 
     fp32 = onnx.load(str(Path(cnn_build["build_dir"]) / "model.fp32.onnx"))
     overrides = depthwise_full_range(fp32)

@@ -123,7 +123,7 @@ def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str], trus
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                  trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
@@ -197,8 +197,8 @@ def token_batches(tokenizer, texts: list[str], max_length: int) -> list[np.ndarr
 def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, n, label: x) -> dict[str, dict]:
     """Perplexity of every model on the token rows, and its agreement with fp32's next-token
     predictions: top-1 agreement and the cosine of the logit vectors, over every position."""
-    from edgeq.pipeline.lm_runtime import KVModel, next_token_nll
-    from edgeq.pipeline.metrics import row_cosine
+    from edgeq.pipeline.runners.lm_runtime import KVModel, next_token_nll
+    from edgeq.metrics import row_cosine
 
     ref_top, ref_logits = [], []
     out = {}
@@ -235,7 +235,7 @@ def generate_text(build_dir: Path, prompt: str, artifact: str | None, max_new_to
     from transformers import AutoTokenizer
 
     from edgeq.core import load_manifest
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     manifest = load_manifest(build_dir)
     if (manifest.get("config") or {}).get("family") != "causal-lm":

@@ -151,7 +151,7 @@ def check_fused(exported, fused, vocab_size: int, prompt_tokens: int = 16, steps
     """The fused graph against the exported one, both as onnxruntime sessions: a prompt of
     `prompt_tokens` deterministic ids, then `steps` greedy one-token steps with the cache. Returns
     the largest logit and cache differences, the logit scale, and whether greedy tokens agree."""
-    from edgeq.pipeline.lm_runtime import KVModel
+    from edgeq.pipeline.runners.lm_runtime import KVModel
 
     a, b = KVModel(exported), KVModel(fused)
     ids = (np.arange(prompt_tokens, dtype=np.int64)[None] * 7919 + 101) % max(vocab_size - 1, 2) + 1

@@ -330,7 +330,8 @@ def bench(build_dir: Path, target: SshTarget, python: str = "python3", runs: int
 
     Returns (record, remote_dir); remote_dir no longer exists on the device when this returns."""
     from edgeq.core import update_manifest
-    from edgeq.pipeline.measure import RUNNER, measure
+    from edgeq.measure import RUNNER, measure
+    from edgeq.pipeline.runners import LM_RUNTIME
 
     build_dir = Path(build_dir).resolve()
     manifest = load_manifest(build_dir)
@@ -362,7 +363,7 @@ def bench(build_dir: Path, target: SshTarget, python: str = "python3", runs: int
 
         # Same layout as the build directory, so external data paths stay valid.
         by_dir: dict[str, list[Path]] = {}
-        runtime = RUNNER.with_name("lm_runtime.py")  # bench_runner imports it for causal LMs
+        runtime = LM_RUNTIME  # bench_runner imports it for causal LMs
         for p in [*files, inputs, RUNNER, runtime]:
             rel = p.relative_to(build_dir).parent.as_posix() if p not in (RUNNER, runtime) else "."
             by_dir.setdefault(rel, []).append(p)

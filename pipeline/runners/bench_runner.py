@@ -220,10 +220,11 @@ def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    try:
-        import lm_runtime  # run as a script (here, or copied to a device beside this file)
-    except ImportError:
-        from edgeq.pipeline import lm_runtime
+    import os
+
+    # its sibling, found by path whether this file runs as a script, on a device or is imported
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import lm_runtime
 
     ids = feeds_all["input_ids"]
     new = int(spec["new_tokens"])

@@ -10,8 +10,9 @@ from typing import Callable
 import numpy as np
 
 from edgeq.core import BuildContext, Files, run_json
+from edgeq.pipeline.runners import BENCH_RUNNER
 
-RUNNER = Path(__file__).with_name("bench_runner.py")
+RUNNER = BENCH_RUNNER
 PROFILE_RUNS = 20  # profiled runs per artifact (after 2 warm-up runs) for the per-operator time profile
 
 

@@ -73,7 +73,7 @@ def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, meth
     if recipe.bias_correction and means_path.is_file():
         import numpy as np
 
-        from edgeq.pipeline import bias_correction
+        from edgeq.pipeline.ops import bias_correction
 
         with np.load(means_path) as z:
             means = {k: z[k] for k in z.files}

@@ -52,8 +52,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.core import EdgeqError, Files, load_manifest, run_json, update_manifest
+from edgeq.pipeline.runners import PARITY_RUNNER
 
-RUNNER = Path(__file__).with_name("parity_runner.py")
+RUNNER = PARITY_RUNNER
 EXIT_PARITY_FAILED = 3  # a failed check, distinct from user errors (2) and bugs (1)
 
 QEMU_MIN_VERSION = (10, 0)
@@ -645,10 +646,10 @@ def table(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m edgeq.pipeline.parity --install-deps [--setup]`: prepare a machine (CI) for parity."""
+    """`python -m edgeq.commands.parity --install-deps [--setup]`: prepare a machine (CI) for parity."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m edgeq.pipeline.parity", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m edgeq.commands.parity", description=main.__doc__)
     p.add_argument("--install-deps", action="store_true", help="apt-get install QEMU >= 10 and mmdebstrap (root)")
     p.add_argument("--setup", action="store_true", help="also set up the emulator cache")
     p.add_argument("--cache-dir", help="emulator cache (default: $EDGEQ_CACHE/aarch64 or ~/.cache/edgeq/aarch64)")
