@@ -26,7 +26,7 @@ from edgeq.calib import TextFeeds, default_calibration_path, default_eval_path, 
 from edgeq.measure import measure
 from edgeq.pipeline.calibrate import RangeCollector, tensors_to_calibrate
 from edgeq.metrics import pooled
-from edgeq.pipeline.quantize import nodes_kept_float
+from edgeq.pipeline.ops.static_plan import nodes_kept_float
 
 EX = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
 

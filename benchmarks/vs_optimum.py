@@ -476,7 +476,7 @@ def compare(args) -> dict:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from edgeq.build import default_model_dir
+    from edgeq.intake import default_model_dir
     from edgeq.calib import default_calibration_path, default_eval_path, read_texts
     from edgeq.core import EdgeqError, load_manifest, model_size_bytes, read_json_object
 

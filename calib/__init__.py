@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -256,6 +256,15 @@ def npz_calibration_share(n: int, shared: bool) -> tuple[slice, slice]:
     return slice(0, cut), slice(cut, n)
 
 
+class Sample(NamedTuple):
+    """One model call: `feeds` holds exactly the model's inputs; `mask` is the attention mask of
+    text (None for tensors and images), kept even when the model takes no mask input, since the
+    evaluation pools over real tokens."""
+
+    feeds: dict[str, np.ndarray]
+    mask: np.ndarray | None
+
+
 class TextFeeds:
     """Tokenizes text into ONNX feeds for the model's own input names."""
 
@@ -264,7 +273,7 @@ class TextFeeds:
         self.input_names = list(input_names)
         self.max_length = max_length
 
-    def __call__(self, texts: list[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(self, texts: list[str], pad_to: int | None = None) -> Sample:
         enc = self.tokenizer(
             texts,
             padding="max_length" if pad_to else True,
@@ -280,19 +289,9 @@ class TextFeeds:
                     continue
                 raise EdgeqError(f"the tokenizer does not produce model input '{name}'")
             feeds[name] = enc[name].astype(np.int64)
-        if "attention_mask" not in feeds and "attention_mask" in enc:
-            feeds["__mask__"] = enc["attention_mask"].astype(np.int64)
-        return feeds
+        mask = enc["attention_mask"].astype(np.int64) if "attention_mask" in enc else None
+        return Sample(feeds, mask)
 
-    def batches(self, texts: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[Sample]:
         for i in range(0, len(texts), batch_size):
             yield self(texts[i:i + batch_size])
-
-
-def mask_of(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The attention mask of a feed dict, whether or not the model takes it as an input."""
-    return feeds.get("attention_mask", feeds.get("__mask__"))
-
-
-def model_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v for k, v in feeds.items() if not k.startswith("__")}

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from edgeq.config import build_options
 from edgeq.core import EdgeqError, Interrupted
 
 EXIT_USER_ERROR = 2
@@ -27,93 +28,21 @@ def cli(ctx: click.Context) -> None:
 
 EXIT_GATE_FAILED = 3  # the build worked, its artifacts miss a gate (also `edgeq parity`'s failed check)
 
-# The options of `edgeq build`, shared with `edgeq config` (which resolves them without building).
-# Each is also a key of edgeq.toml, named like its long option with underscores (`eval` for --eval).
-BUILD_OPTIONS = [
-    click.argument("model", required=False),
-    click.option("--target", "-t", help="Target profile (see `edgeq targets`) or a profile .toml; default: this "
-                                        "machine's CPU."),
-    click.option("--mode", "-m", "modes", multiple=True,
-                 help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
-                      "dynamic and int4 for a causal LM)."),
-    click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: "
-                                           "bundled set."),
-    click.option("--eval", "eval_path", type=str,
-                 help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
-                      "task metric (accuracy, Spearman). Default: bundled set."),
-    click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's)."),
-    click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use."),
-    click.option("--eval-samples", type=int,
-                 help="Evaluation samples to use (default: 120 lines of text, every sample of labelled JSONL)."),
-    click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile."),
-    click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data."),
-    click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]),
-                 help="Default: from config.json."),
-    click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it."),
-    click.option("--name", help="Model name used for the output folder."),
-    click.option("--out", "-o", default="artifacts", show_default=True, help="Output root."),
-    click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM)."),
-    click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per artifact first."),
-    click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores)."),
-    click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length."),
-    click.option("--max-length", type=int, default=128, show_default=True,
-                 help="Tokens per calibration/evaluation sample (longer text is truncated)."),
-    click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size."),
-    click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O)."),
-    click.option("--max-accuracy-drop", type=float,
-                 help="Gate, and budget of an int8-hybrid artifact (static int8 with the most sensitive nodes in "
-                      "fp16/fp32 until the drop vs fp32 is within it): 1 - cosine, the task metric's drop with "
-                      "--budget-metric task, or a causal LM's relative perplexity increase (e.g. 0.01)."),
-    click.option("--min-speedup", type=float,
-                 help="Gate: an artifact must be at least this many times as fast as fp32 (latency p50; decode "
-                      "tokens/s for a causal LM)."),
-    click.option("--max-size-mb", type=float, help="Gate: an artifact's model file(s) at most this many MB."),
-    click.option("--block-size", type=int, default=32, show_default=True,
-                 help="int4: weights per quantization block (16, 32, 64, 128, 256)."),
-    click.option("--accuracy-level", type=int, default=4, show_default=True,
-                 help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input)."),
-    click.option("--new-tokens", type=int, default=32, show_default=True,
-                 help="Causal LM benchmark: tokens generated after the --seq-len prompt."),
-    click.option("--input-shape", help="Image model from a factory: input size as N,C,H,W (default: the factory's "
-                                       "edgeq_input_shape)."),
-    click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
-                                      "factory's edgeq_preprocess, else ImageNet's)."),
-    click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
-                 help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
-                      "(accuracy, Spearman), as an absolute drop."),
-    click.option("--trust-remote-code", is_flag=True,
-                 help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
-    click.option("--allow-pickle", is_flag=True,
-                 help="Allow pickle checkpoints (pytorch_model.bin, .pt): loading one can run code. Off: only "
-                      "safetensors weights are read."),
-    click.option("--config", "config_file", type=str,
-                 help="An edgeq.toml (written by `edgeq config`) giving these options; options on the command "
-                      "line override it."),
-]
-
-
-def build_options(f):
-    for decorator in reversed(BUILD_OPTIONS):
-        f = decorator(f)
-    return f
-
-
 def _resolved_config(ctx: click.Context, options: dict):
     """The options (edgeq.toml's values under those given on the command line) resolved and checked."""
     from click.core import ParameterSource
 
-    from edgeq.build import resolve_config
-    from edgeq.config import read_config_file
+    from edgeq import config
 
     config_file = options.pop("config_file")
     chosen = dict(options)
     if config_file:
-        for name, value in read_config_file(config_file, ctx.command).items():
+        for name, value in config.read_config_file(config_file, ctx.command).items():
             if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
                 chosen[name] = value
     chosen["input_shape"] = _shape(chosen["input_shape"])
     chosen["eval_path"] = chosen.pop("eval_path")
-    return resolve_config(**chosen)
+    return config.resolve_config(**chosen)
 
 
 @cli.command()
@@ -132,7 +61,9 @@ def build(ctx, fresh, as_json, **options) -> None:
     the gates (--max-accuracy-drop, --min-speedup, --max-size-mb; the manifest says which and by how
     much); 130 interrupted (the finished stages are kept and the same build resumes from them).
     """
-    from edgeq.build import build as run_build, gate_failure_text, json_summary, summary_table
+    from edgeq.build import build as run_build
+    from edgeq.gates import gate_failure_text
+    from edgeq.summary import json_summary, summary_table
 
     config = _resolved_config(ctx, options)
     if as_json:
@@ -174,7 +105,7 @@ def config_cmd(ctx, from_build, write_to, **options) -> None:
         options["config_file"] = options_from_build(Path(from_build))
     config = _resolved_config(ctx, options)
     base = Path(write_to).expanduser().resolve().parent if write_to else Path.cwd()
-    text = to_toml(config["options"], base)
+    text = to_toml(config.options, base)
     if write_to:
         atomic_write_text(Path(write_to), text)
         click.echo(f"wrote {write_to}", err=True)
@@ -397,7 +328,7 @@ def generate(artifact_dir, prompt, artifact, max_new_tokens, chat, threads) -> N
     """
     from pathlib import Path
 
-    from edgeq.causal_lm import generate_text
+    from edgeq.commands.generate import generate_text
 
     if max_new_tokens < 1:
         raise EdgeqError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -1,26 +1,421 @@
-"""edgeq.toml: a build's options in a file, so CI runs exactly what a developer ran.
+"""The build's configuration: the typed `BuildConfig` every stage reads, how the options of
+`edgeq build` resolve into it (checked once, before anything is written), the option list the CLI
+shows, and edgeq.toml.
 
-`edgeq config [options]` resolves the options like `edgeq build` (target defaults filled in) and
-writes them; `edgeq build --config edgeq.toml` replays them, with options given on the command line
-taking precedence. The keys are the long options of `edgeq build` with underscores (`calib_samples`,
-`eval`, `modes`); paths are relative to the file's folder. An unknown key, or a value of the wrong
-type, is a one-line user error.
+`resolve_config` checks the model, the data and the target and fills in the target's defaults; the
+sections' `__post_init__` reject values no build can use. `edgeq config [options]` writes the
+effective options as edgeq.toml; `edgeq build --config edgeq.toml` replays them, with options given
+on the command line taking precedence. The file's keys are the long options of `edgeq build` with
+underscores (`calib_samples`, `eval`, `modes`); paths are relative to the file's folder. An unknown
+key, or a value of the wrong type, is a one-line user error.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edgeq import intake
 from edgeq.core import EdgeqError, load_manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+LM_MODES = ("dynamic", "int4")  # what a causal LM is built as (its activations get no static ranges)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _at_least(label: str, value, lo) -> None:
+    if value < lo:
+        raise EdgeqError(f"{label} must be at least {lo}, got {value}")
+
+
+def _positive(label: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise EdgeqError(f"{label} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class Fp16Options:
+    keep_io_types: bool  # fp16 artifacts take and return fp32 (the target's default, off with --fp16-io)
+    op_block_list: list[str]  # ops left fp32; empty: onnxruntime's default list
+
+
+@dataclass(frozen=True)
+class Calibration:
+    path: str
+    method: str  # minmax, entropy, percentile, distribution
+    samples: int
+    batch_size: int = 16
+    text_field: str = "text"
+    percentile: float = 99.999
+
+    def __post_init__(self) -> None:
+        from edgeq.targets import CALIBRATION_METHODS
+
+        if self.method not in CALIBRATION_METHODS:
+            raise EdgeqError(f"unknown calibration method '{self.method}' (choose from: {', '.join(CALIBRATION_METHODS)})")
+        _at_least("--calib-samples", self.samples, 1)
+        if not 0 < self.percentile <= 100:
+            raise EdgeqError(f"--percentile must be in (0, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    path: str
+    samples: int | None  # None: all of a labelled set, 120 lines of plain text (calib.DEFAULT_TEXT_SAMPLES)
+
+    def __post_init__(self) -> None:
+        if self.samples is not None:
+            _at_least("--eval-samples", self.samples, 1)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    batch_size: int
+    seq_len: int  # prompt length for a causal LM
+    runs: int
+    warmup: int
+    threads: int  # 0: all cores
+    new_tokens: int | None = None  # causal LMs: tokens generated per run
+
+    def __post_init__(self) -> None:
+        if self.new_tokens is not None:
+            _at_least("--new-tokens", self.new_tokens, 1)
+        for label, v, lo in (("--runs", self.runs, 1), ("--seq-len", self.seq_len, 1),
+                             ("--batch-size", self.batch_size, 1), ("--warmup", self.warmup, 0),
+                             ("--threads", self.threads, 0)):
+            _at_least(label, v, lo)
+
+
+@dataclass(frozen=True)
+class Vision:
+    input_shape: list[int] | None  # N,C,H,W; None: the factory's edgeq_input_shape
+    preprocess: dict  # as given (--preprocess); the export stage fills in the model's defaults
+    eval_is_calibration_folder: bool  # no --eval: other views of the calibration photos
+
+
+@dataclass(frozen=True)
+class Int4:
+    block_size: int
+    symmetric: bool
+    accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations, 0 = as the input
+    embeddings: bool  # the token embedding table too (GatherBlockQuantized)
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise EdgeqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeqError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_accuracy_drop: float | None
+    min_speedup: float | None
+    max_size_mb: float | None
+
+    def __post_init__(self) -> None:
+        _positive("--min-speedup", self.min_speedup)
+        _positive("--max-size-mb", self.max_size_mb)
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in (("max_accuracy_drop", self.max_accuracy_drop), ("min_speedup", self.min_speedup),
+                                  ("max_size_mb", self.max_size_mb)) if v is not None}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A build, fully resolved: what `edgeq build` runs and the manifest records (`to_dict`)."""
+
+    model: str  # a path, or package.module:factory
+    model_kind: str  # "hf", "onnx", "gguf", "module"
+    family: str  # "encoder", "causal-lm", "vision"
+    name: str  # the output folder under --out
+    target: str  # the profile's name
+    target_profile: str  # what --target gave: a name or a .toml path
+    modes: tuple[str, ...]
+    task: str | None
+    tokenizer: str | None
+    max_length: int  # tokens per calibration/evaluation sample
+    max_accuracy_drop: float | None  # the hybrid search's budget (0.01 when hybrid is asked without one)
+    budget_metric: str  # "cosine" or "task"
+    fp16: Fp16Options
+    calibration: Calibration
+    evaluation: Evaluation
+    benchmark: Benchmark
+    gates: Gates
+    out: str
+    vision: Vision | None = None
+    int4: Int4 | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    export_atol: float = 1e-3
+    options: dict[str, Any] = field(default_factory=dict)  # every option's effective value (edgeq.toml)
+
+    def __post_init__(self) -> None:
+        from edgeq.targets import MODES
+
+        for m in self.modes:
+            if m not in MODES:
+                raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(MODES)})")
+        if self.budget_metric not in ("cosine", "task"):
+            raise EdgeqError(f"--budget-metric must be 'cosine' or 'task', got {self.budget_metric!r}")
+        if self.max_accuracy_drop is not None and not 0 < self.max_accuracy_drop < 1:
+            raise EdgeqError(f"--max-accuracy-drop must be between 0 and 1 (a cosine drop), got {self.max_accuracy_drop}")
+        _at_least("--max-length", self.max_length, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form the manifest records (and the build key hashes)."""
+        from dataclasses import asdict
+
+        bench = asdict(self.benchmark)
+        if bench["new_tokens"] is None:
+            bench.pop("new_tokens")
+        return {
+            "model": self.model, "model_kind": self.model_kind, "family": self.family, "name": self.name,
+            "target": self.target, "target_profile": self.target_profile, "modes": list(self.modes),
+            "task": self.task, "tokenizer": self.tokenizer, "max_length": self.max_length,
+            "export_atol": self.export_atol, "max_accuracy_drop": self.max_accuracy_drop,
+            "budget_metric": self.budget_metric, "fp16": asdict(self.fp16), "calibration": asdict(self.calibration),
+            "evaluation": asdict(self.evaluation), "benchmark": bench,
+            **({"vision": asdict(self.vision)} if self.vision else {}),
+            **({"int4": asdict(self.int4)} if self.int4 else {}),
+            "gates": asdict(self.gates), "trust_remote_code": self.trust_remote_code,
+            "allow_pickle": self.allow_pickle, "out": self.out, "options": dict(self.options),
+        }
+
+
+def resolve_config(model: str | None = None, target: str | None = None, modes: tuple[str, ...] = (),
+                   calib: str | None = None, eval_path: str | None = None, out: str = "artifacts",
+                   calib_method: str | None = None, calib_samples: int = 256, eval_samples: int | None = None,
+                   text_field: str = "text", task: str | None = None, tokenizer: str | None = None,
+                   name: str | None = None, runs: int | None = None, warmup: int = 10, threads: int = 0,
+                   max_length: int = 128, seq_len: int = 128, batch_size: int = 1,
+                   percentile: float = 99.999, fp16_io: bool = False,
+                   max_accuracy_drop: float | None = None, budget_metric: str = "cosine",
+                   block_size: int = 32, accuracy_level: int = 4, new_tokens: int = 32,
+                   input_shape: tuple[int, ...] | None = None, preprocess: str | None = None,
+                   min_speedup: float | None = None, max_size_mb: float | None = None,
+                   trust_remote_code: bool = False, allow_pickle: bool = False) -> BuildConfig:
+    """Check every user input before anything is written; return the fully resolved config.
+
+    The model, the data and the target are checked here (files exist, parse, fit the model); the
+    sections reject impossible values as they are made. The config keeps, under `options`, every
+    option's effective value (what `edgeq config` writes as edgeq.toml and `--config` replays)."""
+    given_model = model
+    from edgeq import targets
+    from edgeq.calib import check_readable, default_calibration_path, default_eval_path, read_eval_set, read_texts
+
+    if model is None:
+        model_path, name = intake.default_model_dir(), name or intake.DEFAULT_MODEL_NAME
+        kind = intake.model_kind(model_path)
+    elif intake.MODULE_RE.fullmatch(model) and not Path(model).exists():
+        kind, model_path = "module", intake.check_factory(model)
+        name = name or model.rsplit(":", 1)[1].rsplit(".", 1)[-1]
+    else:
+        model_path = Path(model).expanduser().resolve()
+        kind = intake.model_kind(model_path)
+    tname = target or intake.host_target()
+    if tname.endswith(".toml"):
+        tname = str(Path(tname).expanduser().resolve())
+    profile = targets.load(tname)
+    family = "vision" if kind == "module" else intake.family(model_path, kind)
+    if family == "vision":
+        from edgeq.calib.images import parse_preprocess
+
+        preprocess_given = parse_preprocess(preprocess)
+        if input_shape is not None and (len(input_shape) != 4 or min(input_shape) < 1):
+            raise EdgeqError(f"--input-shape must be 4 positive sizes (batch, channels, height, width), got {input_shape}")
+        if calib is None:
+            raise EdgeqError("an image model needs calibration photos: --calib FOLDER (python -m edgeq.calib.images "
+                             "DIR copies the photos that ship with scikit-image)")
+        if budget_metric == "task":
+            raise EdgeqError("--budget-metric task is not supported for image models yet (the budget is on cosine)")
+        modes = tuple(modes) or ("static",)
+    if runs is None:
+        runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
+    if family == "causal-lm":
+        modes = tuple(modes) or LM_MODES
+        wrong = [m for m in modes if m not in LM_MODES]
+        if wrong:
+            raise EdgeqError(f"mode {', '.join(wrong)} is not built for causal language models "
+                             f"(they get {' and '.join(LM_MODES)}: a decoder's activation ranges are not calibrated)")
+    int4 = Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True) \
+        if family == "causal-lm" or "int4" in modes else None
+    # --max-accuracy-drop is the hybrid search's budget and a gate; a causal LM gets no hybrid artifact,
+    # only the gate (on perplexity, relative to fp32's)
+    hybrid_wanted = max_accuracy_drop is not None and family != "causal-lm"
+    modes = tuple(dict.fromkeys(tuple(modes or profile.modes) + (("hybrid",) if hybrid_wanted else ())))
+    gate_accuracy = max_accuracy_drop
+    if "hybrid" in modes and max_accuracy_drop is None:
+        max_accuracy_drop = 0.01
+    gates = Gates(max_accuracy_drop=gate_accuracy, min_speedup=min_speedup, max_size_mb=max_size_mb)
+    method = (calib_method or profile.static_for(family).calibration).lower()
+    calib_file = Path(calib).expanduser().resolve() if calib else default_calibration_path()
+    calibration = Calibration(path=str(calib_file), method=method, samples=calib_samples, batch_size=16,
+                              text_field=text_field, percentile=percentile)
+    # an image model without --eval is evaluated on other views of its calibration photos
+    eval_file = (Path(eval_path).expanduser().resolve() if eval_path else
+                 calib_file if family == "vision" else default_eval_path())
+    if family == "vision":
+        from edgeq.calib.images import image_files
+
+        for f, what in ((calib_file, "calibration"), (eval_file, "evaluation")):
+            image_files(f, what)  # a folder with images, or a user error now
+    # Read the data now (text is cheap to read) so a bad file fails before anything is written.
+    for f, what, n in () if family == "vision" else ((calib_file, "calibration", calib_samples),
+                                                      (eval_file, "evaluation", eval_samples)):
+        check_readable(f, what)
+        intake.data_format(f, what)
+        if f.suffix.lower() == ".npz":
+            if family == "causal-lm":
+                raise EdgeqError(f"{what} data for a language model is text (.txt or .jsonl), not .npz")
+            if what == "evaluation" and budget_metric == "task":
+                raise EdgeqError("--budget-metric task needs labelled evaluation data (--eval JSONL); .npz has no labels")
+            continue
+        if what == "evaluation":
+            labelled = read_eval_set(f, limit=None, text_field=text_field).kind != "text"  # a bad label fails now
+            if budget_metric == "task" and not labelled:
+                raise EdgeqError(f"--budget-metric task needs labelled evaluation data (--eval JSONL with "
+                                 f"text+label or text1+text2+score); {f.name} has no labels")
+        else:
+            read_texts(f, limit=n, text_field=text_field, what=what)
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise EdgeqError(f"tokenizer directory not found: {tokenizer}")
+    if tokenizer or kind == "onnx":  # a folder that only supplies the tokenizer: its code counts, not weights
+        intake.check_model_safety(Path(tokenizer) if tokenizer else model_path.parent,
+                           trust_remote_code=trust_remote_code, tokenizer_only=True)
+    if kind == "hf":
+        intake.check_model_safety(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        hf_config = intake.check_hf_model(model_path, Path(tokenizer) if tokenizer else model_path, family)
+        positions = hf_config.get("max_position_embeddings")
+        for label, v in (("--seq-len", seq_len), ("--max-length", max_length)):
+            if isinstance(positions, int) and v > positions:
+                raise EdgeqError(f"{label} {v} exceeds the model's {positions} positions (max_position_embeddings)")
+    if kind == "onnx":  # already through onnx.checker: intake.family() reads its inputs
+        text_data = calib_file.suffix.lower() != ".npz" or eval_file.suffix.lower() != ".npz"
+        tok_dir = Path(tokenizer) if tokenizer else model_path.parent
+        if text_data and not any((tok_dir / f).is_file() for f in intake.TOKENIZER_FILES):
+            raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
+                             "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
+    _at_least("--new-tokens", new_tokens, 1)  # an option of every build, used by causal LMs
+    evaluation = Evaluation(path=str(eval_file), samples=eval_samples)
+    benchmark = Benchmark(batch_size=batch_size, seq_len=seq_len, runs=runs, warmup=warmup, threads=threads,
+                          new_tokens=new_tokens if family == "causal-lm" else None)
+    name = name or intake.model_name(model_path, kind)
+    if not targets.NAME_RE.fullmatch(name):
+        # the name becomes a directory under --out: no separators, no '.'/'..', nothing absolute
+        raise EdgeqError(f"model name {name!r} can't be a folder name: use letters, digits, '.', '_', '-' (--name)")
+    out_dir = intake.writable_dir(Path(out).expanduser().resolve())
+    return BuildConfig(
+        model=str(model_path), model_kind=kind, family=family, name=name, target=profile.name,
+        target_profile=tname, modes=tuple(modes), task=task, tokenizer=tokenizer, max_length=max_length,
+        max_accuracy_drop=max_accuracy_drop, budget_metric=budget_metric,
+        fp16=Fp16Options(keep_io_types=profile.fp16.keep_io_types and not fp16_io,
+                         op_block_list=list(profile.fp16.op_block_list)),
+        calibration=calibration, evaluation=evaluation, benchmark=benchmark, gates=gates, out=str(out_dir),
+        vision=Vision(input_shape=list(input_shape) if input_shape else None, preprocess=preprocess_given,
+                      eval_is_calibration_folder=eval_file == calib_file) if family == "vision" else None,
+        int4=(int4 or Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True))
+        if "int4" in modes else None,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        options={
+            "model": given_model if given_model is None else str(model_path) if kind != "module" else model,
+            "target": tname,
+            "modes": list(modes), "calib": str(calib_file) if calib else None,
+            "eval": str(eval_file) if eval_path else None, "out": str(out_dir),
+            "calib_method": method, "calib_samples": calib_samples, "eval_samples": eval_samples,
+            "percentile": percentile, "text_field": text_field, "task": task, "tokenizer":
+                str(Path(tokenizer).expanduser().resolve()) if tokenizer else None,
+            "name": name, "runs": runs, "warmup": warmup, "threads": threads, "seq_len": seq_len,
+            "max_length": max_length, "batch_size": batch_size, "fp16_io": fp16_io,
+            "max_accuracy_drop": gate_accuracy, "budget_metric": budget_metric, "block_size": block_size,
+            "accuracy_level": accuracy_level, "new_tokens": new_tokens,
+            "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
+            "min_speedup": min_speedup, "max_size_mb": max_size_mb,
+            "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle,
+        },
+    )
+
+
+# The options of `edgeq build`, shared with `edgeq config` (which resolves them without building).
+# Each is also a key of edgeq.toml, named like its long option with underscores (`eval` for --eval).
+BUILD_OPTIONS = [
+    click.argument("model", required=False),
+    click.option("--target", "-t", help="Target profile (see `edgeq targets`) or a profile .toml; default: this "
+                                        "machine's CPU."),
+    click.option("--mode", "-m", "modes", multiple=True,
+                 help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
+                      "dynamic and int4 for a causal LM)."),
+    click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: "
+                                           "bundled set."),
+    click.option("--eval", "eval_path", type=str,
+                 help="Held-out evaluation data (same formats). JSONL with text+label or text1+text2+score adds a "
+                      "task metric (accuracy, Spearman). Default: bundled set."),
+    click.option("--calib-method", help="minmax, entropy, percentile or distribution (default: the target's)."),
+    click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples to use."),
+    click.option("--eval-samples", type=int,
+                 help="Evaluation samples to use (default: 120 lines of text, every sample of labelled JSONL)."),
+    click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile."),
+    click.option("--text-field", default="text", show_default=True, help="Text field of JSONL data."),
+    click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]),
+                 help="Default: from config.json."),
+    click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it."),
+    click.option("--name", help="Model name used for the output folder."),
+    click.option("--out", "-o", default="artifacts", show_default=True, help="Output root."),
+    click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM)."),
+    click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per artifact first."),
+    click.option("--threads", type=int, default=0, help="Intra-op threads for benchmarks (0: all cores)."),
+    click.option("--seq-len", type=int, default=128, show_default=True, help="Benchmark sequence length."),
+    click.option("--max-length", type=int, default=128, show_default=True,
+                 help="Tokens per calibration/evaluation sample (longer text is truncated)."),
+    click.option("--batch-size", type=int, default=1, show_default=True, help="Benchmark batch size."),
+    click.option("--fp16-io", is_flag=True, help="fp16 artifacts take and return fp16 (default: fp32 I/O)."),
+    click.option("--max-accuracy-drop", type=float,
+                 help="Gate, and budget of an int8-hybrid artifact (static int8 with the most sensitive nodes in "
+                      "fp16/fp32 until the drop vs fp32 is within it): 1 - cosine, the task metric's drop with "
+                      "--budget-metric task, or a causal LM's relative perplexity increase (e.g. 0.01)."),
+    click.option("--min-speedup", type=float,
+                 help="Gate: an artifact must be at least this many times as fast as fp32 (latency p50; decode "
+                      "tokens/s for a causal LM)."),
+    click.option("--max-size-mb", type=float, help="Gate: an artifact's model file(s) at most this many MB."),
+    click.option("--block-size", type=int, default=32, show_default=True,
+                 help="int4: weights per quantization block (16, 32, 64, 128, 256)."),
+    click.option("--accuracy-level", type=int, default=4, show_default=True,
+                 help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input)."),
+    click.option("--new-tokens", type=int, default=32, show_default=True,
+                 help="Causal LM benchmark: tokens generated after the --seq-len prompt."),
+    click.option("--input-shape", help="Image model from a factory: input size as N,C,H,W (default: the factory's "
+                                       "edgeq_input_shape)."),
+    click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
+                                      "factory's edgeq_preprocess, else ImageNet's)."),
+    click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
+                 help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
+                      "(accuracy, Spearman), as an absolute drop."),
+    click.option("--trust-remote-code", is_flag=True,
+                 help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
+    click.option("--allow-pickle", is_flag=True,
+                 help="Allow pickle checkpoints (pytorch_model.bin, .pt): loading one can run code. Off: only "
+                      "safetensors weights are read."),
+    click.option("--config", "config_file", type=str,
+                 help="An edgeq.toml (written by `edgeq config`) giving these options; options on the command "
+                      "line override it."),
+]
+
+
+def build_options(f):
+    for decorator in reversed(BUILD_OPTIONS):
+        f = decorator(f)
+    return f
+
 
 # file key -> parameter name of `edgeq build`, where they differ
 _KEY_TO_PARAM = {"eval": "eval_path", "mode": "modes"}
@@ -61,8 +456,6 @@ def read_config_file(source: str | tuple[dict, Path], command: click.Command) ->
 
 
 def _build_params(command: click.Command) -> set[str]:
-    from edgeq.cli import BUILD_OPTIONS
-
     names = set()
     for deco in BUILD_OPTIONS:  # the decorators carry the parameter they add
         probe = deco(lambda: None)
@@ -99,12 +492,10 @@ def _convert(label: str, key: str, value: Any, param: click.Parameter, base: Pat
 
 
 def _from_base(key: str, value: str, base: Path) -> str:
-    from edgeq.build import MODULE_RE
-
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
-    if key == "model" and MODULE_RE.fullmatch(value) and not (base / p).exists():
+    if key == "model" and intake.MODULE_RE.fullmatch(value) and not (base / p).exists():
         return value  # package.module:factory
     if key == "target" and not value.endswith(".toml"):
         return value  # a profile name

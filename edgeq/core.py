@@ -1,8 +1,10 @@
-"""Shared types of the pipeline: the build context, the manifest, artifacts and errors.
+"""Shared types of the pipeline: the build context, the typed results stages hand on, the manifest,
+artifacts and errors.
 
-Stages never import each other; everything they share lives here. A stage reads what earlier stages
-wrote into the build directory (file names in `Files`) and returns a `StageResult` that the build
-records in the manifest.
+Stages never import each other (tests/test_layout.py checks it); everything they share lives here.
+A stage reads what earlier stages wrote into the build directory (file names in `Files`) and the
+typed results on the context (`ModelFacts`, `CalibrationResult`), and returns a `StageResult` that
+the build records in the manifest.
 """
 from __future__ import annotations
 
@@ -53,6 +55,16 @@ class Files:
         return f"calibration/ranges-{method}.json"
 
     @staticmethod
+    def input_means(method: str) -> str:
+        """Per-channel input means of Conv/Gemm nodes, for bias correction, beside the ranges."""
+        return f"calibration/ranges-{method}.means.npz"
+
+    @staticmethod
+    def absmax(method: str) -> str:
+        """Per-channel |max| of the inputs SmoothQuant smooths, keyed by node, beside the ranges."""
+        return f"calibration/ranges-{method}.absmax.npz"
+
+    @staticmethod
     def model(name: str) -> str:
         return f"model.{name}.onnx"
 
@@ -78,20 +90,69 @@ class StageResult:
 
 
 @dataclass
+class ModelFacts:
+    """What the export and optimize stages learn about the model, for every stage after them."""
+
+    task: str | None = None  # "feature-extraction", "text-classification", "image-classification", ...
+    hf_config: dict[str, Any] = field(default_factory=dict)  # the model's config.json ({} when none)
+    preprocess: dict[str, Any] | None = None  # an image model's preprocessing (calib.images)
+    input_names: list[str] = field(default_factory=list)  # of the fp32 artifact (optimize)
+    input_specs: dict[str, dict] = field(default_factory=dict)  # {name: {"dtype", "rank"}}
+    output_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CalibrationResult:
+    """What the calibrate stage measured, and for what. The quantize and precision stages follow it
+    rather than re-deciding: what it smoothed is what they smooth."""
+
+    method: str | None = None  # minmax, entropy, ...; None when no activation ranges were measured (LMs)
+    ranges_path: Path | None = None  # ORT's calibration cache format
+    means_path: Path | None = None  # per-channel input means (bias correction); None when off
+    absmax_path: Path | None = None  # per-channel |max| for SmoothQuant; None when nothing is smoothed
+    static_smoothed: list[str] = field(default_factory=list)  # nodes static int8 smooths (ranges measured smoothed)
+
+
+@dataclass
 class BuildContext:
     """Everything a stage may read. Built once by `edgeq.build` from the resolved config."""
 
-    config: dict[str, Any]  # fully resolved, JSON-serialisable build config
+    config: Any  # edgeq.config.BuildConfig: fully resolved and validated
     target: Any  # edgeq.targets.Target
     build_dir: Path  # where stages write (a staging directory until the build completes)
-    model_name: str
-    model_kind: str  # "hf" or "onnx"
-    model_path: Path
     artifacts: list[Artifact] = field(default_factory=list)
-    # Facts discovered by one stage for later ones (task, input names, pooling...).
-    facts: dict[str, Any] = field(default_factory=dict)
+    model: ModelFacts = field(default_factory=ModelFacts)
+    tokenizer: Any = None  # the model's tokenizer (export); None for image models and tokenizer-less .onnx
+    calibration: CalibrationResult | None = None  # None when the calibrate stage did not run
+    files: list[dict] = field(default_factory=list)  # every file of the build with sha256 and size (package)
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)
     progress: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    @property
+    def model_kind(self) -> str:  # "hf", "onnx", "gguf" or "module"
+        return self.config.model_kind
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.config.model)
+
+    @property
+    def family(self) -> str:  # "encoder", "causal-lm" or "vision"
+        return self.config.family
+
+    @property
+    def static(self):
+        """The target's static int8 recipe for this model's family (image models have their own)."""
+        return self.target.static_for(self.config.family)
+
+    @property
+    def smoothing(self):
+        """What this build smooths (targets.Smoothing): decided once, from the target and the modes."""
+        return self.target.smoothing(self.config.family, self.config.modes)
 
     def track(self, items, total: int, label: str):
         """Yield `items`, drawing a one-line progress counter on a terminal (nothing otherwise)."""

@@ -10,15 +10,15 @@ import os
 import platform
 
 
+from edgeq.calib.source import for_build
 from edgeq.core import BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.measure import ensure_bench_inputs, measure
-
+from edgeq.measure import measure
 
 
 def run(ctx: BuildContext) -> StageResult:
-    cfg = ctx.config["benchmark"]
-    inputs = ensure_bench_inputs(ctx)
-    threads = cfg["threads"] or os.cpu_count() or 1
+    cfg = ctx.config.benchmark
+    inputs = for_build(ctx).bench_file(ctx.path(Files.BENCH_INPUTS))
+    threads = cfg.threads or os.cpu_count() or 1
     models = [ctx.path(a.path) for a in ctx.artifacts]
     eps: dict[str, str] = {}
     results: dict[str, dict[str, dict]] = {}
@@ -28,8 +28,8 @@ def run(ctx: BuildContext) -> StageResult:
         if ep in eps or (ep == "CPUExecutionProvider" and ep not in candidates and
                          any(v == "measured" for v in eps.values())):
             continue
-        ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg['runs']} runs each")
-        rs = measure(models, inputs, ep, threads, cfg["warmup"], cfg["runs"], new_tokens=cfg.get("new_tokens"))
+        ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg.runs} runs each")
+        rs = measure(models, inputs, ep, threads, cfg.warmup, cfg.runs, new_tokens=cfg.new_tokens)
         if isinstance(rs, str):
             eps[ep] = rs
             ctx.log(f"  {ep}: {rs}")
@@ -51,7 +51,7 @@ def run(ctx: BuildContext) -> StageResult:
                      "latencies and speedups say nothing about the device")
     fp32 = results["fp32"][primary]
     if "error" in fp32:
-        raise EdgeqError(f"the fp32 model cannot run the benchmark input ({cfg['batch_size']} x {cfg['seq_len']}): "
+        raise EdgeqError(f"the fp32 model cannot run the benchmark input ({cfg.batch_size} x {cfg.seq_len}): "
                          f"{fp32['error']}")
     fp32_size = model_size_bytes(ctx.path(Files.FP32))
     for a in ctx.artifacts:
@@ -78,10 +78,10 @@ def run(ctx: BuildContext) -> StageResult:
         else:
             a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
     return StageResult(
-        settings={"batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"], "threads": threads,
-                  **({"new_tokens": cfg["new_tokens"], "speedup": "decode tokens/s vs fp32 (prefill: "
-                      "prefill_speedup_vs_fp32)"} if cfg.get("new_tokens") else {}),
-                  "warmup": cfg["warmup"], "runs": cfg["runs"],
+        settings={"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "threads": threads,
+                  **({"new_tokens": cfg.new_tokens, "speedup": "decode tokens/s vs fp32 (prefill: "
+                      "prefill_speedup_vs_fp32)"} if cfg.new_tokens else {}),
+                  "warmup": cfg.warmup, "runs": cfg.runs,
                   "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
                             "load time and peak RSS: a fresh process per artifact",
                   "primary_provider": primary, "host_machine": host},

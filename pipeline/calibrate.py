@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult, sha256_file, sha256_json
+from edgeq.calib.source import for_build
+from edgeq.core import BuildContext, CalibrationResult, EdgeqError, Files, StageResult, sha256_file, sha256_json
 from edgeq.pipeline.ops import bias_correction, smooth
-
-METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+from edgeq.pipeline.ops.quantizer import calibration_method
+from edgeq.pipeline.ops.static_plan import static_plan
 
 
 def tensors_to_calibrate(model, op_types) -> list[str]:
@@ -70,12 +71,12 @@ class RangeCollector:
                 self.hist.collect({name: value.reshape(-1)})
 
     def result(self):
-        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
         if self.hist is None:
             data = {k: TensorData(lowest=np.array(v[0], np.float32), highest=np.array(v[1], np.float32))
                     for k, v in self.minmax.items()}
-            return TensorsData(CalibrationMethod.MinMax, data)
+            return TensorsData(calibration_method("minmax"), data)
         with contextlib.redirect_stdout(io.StringIO()):
             raw = self.hist.compute_collection_result()
         data = {}
@@ -85,41 +86,38 @@ class RangeCollector:
             else:
                 kw = {"lowest": np.asarray(v[0], np.float32), "highest": np.asarray(v[1], np.float32)}
             data[k] = TensorData(**kw)
-        return TensorsData(getattr(CalibrationMethod, METHODS[self.method]), data)
+        return TensorsData(calibration_method(self.method), data)
 
 
 def run(ctx: BuildContext) -> StageResult:
     import onnx
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    cfg = ctx.config
-    if cfg.get("family") == "causal-lm":
+    if ctx.family == "causal-lm":
         return _lm_absmax(ctx)
-    method = cfg["calibration"]["method"]
-    limit = cfg["calibration"]["samples"]
-    batch_size = cfg["calibration"]["batch_size"]
-    max_length = cfg["max_length"]
-    percentile = cfg["calibration"]["percentile"]
+    cal = ctx.config.calibration
+    method, batch_size, max_length, percentile = cal.method, cal.batch_size, ctx.config.max_length, cal.percentile
     fp32 = ctx.path(Files.FP32)
-    calib_path = cfg["calibration"]["path"]
-    recipe = ctx.target.static_for(ctx.config.get("family"))
+    calib_path = cal.path
+    recipe = ctx.static
     op_types = list(recipe.op_types)
+    smoothing = ctx.smoothing
 
-    samples = _load_samples(ctx, calib_path, limit)
-    ctx.facts["calibration_samples"] = samples
+    data = for_build(ctx)
+    samples = data.calibration_samples()
     key = {
         "model_sha256": sha256_file(fp32), "data_sha256": _samples_sha256(samples),
         "method": method, "percentile": percentile if method == "percentile" else None,
         "op_types": op_types, "max_length": max_length, "symmetric": recipe.activation_symmetric,
-        "bias_correction": recipe.bias_correction, "absmax": smooth.wanted(cfg, ctx.target),
+        "bias_correction": recipe.bias_correction, "absmax": smoothing.measured,
         # static SmoothQuant adds the ranges of the smoothed inputs of the nodes the recipe quantizes
         "static_smooth": {"alpha": recipe.smooth_alpha, "keep_float_after": list(recipe.keep_float_after),
-                          "keep_float_first": recipe.keep_float_first} if smooth.static_wanted(cfg, ctx.target) else None,
+                          "keep_float_first": recipe.keep_float_first} if smoothing.static else None,
     }
     ranges_path = ctx.path(Files.ranges(method))
     meta_path = ranges_path.with_suffix(".meta.json")
-    means_path = means_file(ranges_path)
-    absmax_path = smooth.absmax_file(ranges_path)
+    means_path = ctx.path(Files.input_means(method))
+    absmax_path = ctx.path(Files.absmax(method))
     # the per-channel statistics this build keeps beside its ranges, by their name in the cache
     stats = {name: path for name, path, wanted in (("means.npz", means_path, recipe.bias_correction),
                                                    ("absmax.npz", absmax_path, key["absmax"])) if wanted}
@@ -127,16 +125,16 @@ def run(ctx: BuildContext) -> StageResult:
         p.unlink(missing_ok=True)  # only this run's statistics may sit beside this run's ranges
     # Shared by every build of this model under --out: a target that differs only in quantization
     # settings (types, per-channel, reduce_range, format) reuses the ranges.
-    cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
+    cache = Path(ctx.config.out) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
     settings = {"method": method, "samples": len(samples) if isinstance(samples, list) else
                 len(next(iter(samples.values()))), "batch_size": batch_size, "max_length": max_length,
                 "percentile": key["percentile"], "op_types": op_types, "data": calib_path}
     meta = _from_cache(cache, key, {"ranges.json": ranges_path, **stats}, meta_path)
     if meta is not None:
-        ctx.facts["ranges_path"] = ranges_path
-        if "absmax.npz" in stats:
-            ctx.facts["absmax_path"] = absmax_path
-        ctx.facts["static_smoothed"] = meta.get("metrics", {}).get("static_smoothed", [])
+        ctx.calibration = CalibrationResult(
+            method=method, ranges_path=ranges_path, means_path=means_path if "means.npz" in stats else None,
+            absmax_path=absmax_path if "absmax.npz" in stats else None,
+            static_smoothed=meta.get("metrics", {}).get("static_smoothed", []))
         return StageResult(settings=settings, outputs=[Files.ranges(method)], reused=True,
                            metrics={**meta.get("metrics", {}), "cache": str(cache)})
 
@@ -148,7 +146,7 @@ def run(ctx: BuildContext) -> StageResult:
     mean_names = set(bias_correction.correctable_inputs(model).values()) & set(names) \
         if recipe.bias_correction else set()
     means = bias_correction.MeanCollector()
-    # per-channel |max| of the inputs of the nodes SmoothQuant may smooth (pipeline/smooth.py)
+    # per-channel |max| of the inputs of the nodes SmoothQuant may smooth (pipeline/ops/smooth.py)
     smooth_inputs = smooth.smoothable(model) if key["absmax"] else {}
     absmax = smooth.AbsMaxCollector()
     by_tensor: dict[str, list[str]] = {}
@@ -165,11 +163,11 @@ def run(ctx: BuildContext) -> StageResult:
         if name in by_tensor:
             absmax.add(name, value)
 
-    batches = _run_batches(ctx, model, names, samples, batch_size, fold, "calibration batch")
+    batches = _run_batches(ctx, model, names, data, samples, batch_size, fold, "calibration batch")
     del model
     per_tensor = absmax.result()
     per_node = {node: per_tensor[t] for t, nodes in by_tensor.items() for node in nodes}
-    static_smoothed = _smoothed_ranges(ctx, fp32, recipe, per_node, samples, batch_size, collector.add) \
+    static_smoothed = _smoothed_ranges(ctx, fp32, recipe, per_node, data, samples, batch_size, collector.add) \
         if key["static_smooth"] else []
     ranges = collector.result()
     save_tensors_data(ranges, ranges_path)
@@ -186,10 +184,9 @@ def run(ctx: BuildContext) -> StageResult:
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
                                                              if k != "collect_seconds"}}, indent=2))
     _store(cache, {"ranges.json": ranges_path, "meta.json": meta_path, **stats})
-    ctx.facts["ranges_path"] = ranges_path
-    if by_tensor:
-        ctx.facts["absmax_path"] = absmax_path
-    ctx.facts["static_smoothed"] = static_smoothed
+    ctx.calibration = CalibrationResult(method=method, ranges_path=ranges_path,
+                                        means_path=means_path if mean_names else None,
+                                        absmax_path=absmax_path if by_tensor else None, static_smoothed=static_smoothed)
     return StageResult(settings=settings, outputs=[Files.ranges(method)], metrics=metrics)
 
 
@@ -200,28 +197,22 @@ def _lm_absmax(ctx: BuildContext) -> StageResult:
     like the ranges, by model, tokens and statistic."""
     import onnx
 
-    from edgeq.calib import read_texts
-    from edgeq.causal_lm import token_batches
     from edgeq.pipeline.runners.lm_runtime import KVModel
 
-    cfg = ctx.config
-    calib_path = cfg["calibration"]["path"]
-    texts = read_texts(Path(calib_path), limit=cfg["calibration"]["samples"], text_field=cfg["calibration"]["text_field"])
-    rows = token_batches(ctx.facts["tokenizer"], texts, cfg["max_length"])
-    if not rows:
-        raise EdgeqError(f"no calibration text in {calib_path} is 2 tokens or longer")
+    calib_path = ctx.config.calibration.path
+    rows = for_build(ctx).calibration_rows()
     fp32 = ctx.path(Files.FP32)
     key = {"model_sha256": sha256_file(fp32), "data_sha256": sha256_json([r.tolist() for r in rows]),
            "statistic": "smoothquant input absmax, causal LM"}
     absmax_path = ctx.path(Files.LM_ABSMAX)
     meta_path = absmax_path.with_suffix(".meta.json")
     absmax_path.unlink(missing_ok=True)
-    cache = Path(cfg["out"]) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
-    settings = {"samples": len(rows), "max_length": cfg["max_length"], "data": calib_path,
+    cache = Path(ctx.config.out) / ctx.model_name / ".cache" / "calibration" / sha256_json(key)[:32]
+    settings = {"samples": len(rows), "max_length": ctx.config.max_length, "data": calib_path,
                 "statistics": "per-channel |max| of the inputs SmoothQuant smooths (dynamic int8)"}
     meta = _from_cache(cache, key, {"absmax.npz": absmax_path}, meta_path)
     if meta is not None:
-        ctx.facts["absmax_path"] = absmax_path
+        ctx.calibration = CalibrationResult(absmax_path=absmax_path)
         return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], reused=True,
                            metrics={**meta.get("metrics", {}), "cache": str(cache)})
 
@@ -245,23 +236,21 @@ def _lm_absmax(ctx: BuildContext) -> StageResult:
     meta_path.write_text(json.dumps({"key": key, "metrics": {k: v for k, v in metrics.items()
                                                              if k != "collect_seconds"}}, indent=2))
     _store(cache, {"absmax.npz": absmax_path, "meta.json": meta_path})
-    ctx.facts["absmax_path"] = absmax_path
+    ctx.calibration = CalibrationResult(absmax_path=absmax_path)
     return StageResult(settings=settings, outputs=[Files.LM_ABSMAX], metrics=metrics)
 
 
-def _run_batches(ctx: BuildContext, model, names: list[str], samples, batch_size: int, fold, label: str) -> int:
+def _run_batches(ctx: BuildContext, model, names: list[str], data, samples, batch_size: int, fold, label: str) -> int:
     """Runs `model` (an in-memory ModelProto, changed here: `names` become graph outputs) over the
     calibration samples batch by batch, handing each named tensor to `fold(name, value)` at once.
     Returns the number of batches."""
-    from edgeq.calib import model_feeds
-
     sess = _probe_session(model, names, optimized=False)  # ranges of the graph as saved
-    calib_path = ctx.config["calibration"]["path"]
+    calib_path = ctx.config.calibration.path
     batches = 0
     n_samples = len(samples) if isinstance(samples, list) else len(next(iter(samples.values())))
-    for feeds in ctx.track(_feed_batches(ctx, samples, batch_size), -(-n_samples // batch_size), label):
+    for feeds in ctx.track(data.batches(samples, batch_size), -(-n_samples // batch_size), label):
         try:
-            outs = sess.run(names, model_feeds(feeds))
+            outs = sess.run(names, feeds)
         except Exception as e:  # the user's data does not fit the model (ids out of range, shapes...)
             raise EdgeqError(f"the model fails on calibration batch {batches + 1} of {calib_path}: "
                              f"{str(e).strip().splitlines()[0][:300]}") from None
@@ -304,7 +293,7 @@ def _from_cache(cache: Path, key: dict, files: dict[str, Path], meta_path: Path)
         return None
 
 
-def _smoothed_ranges(ctx: BuildContext, fp32: Path, recipe, absmax: dict[str, np.ndarray], samples,
+def _smoothed_ranges(ctx: BuildContext, fp32: Path, recipe, absmax: dict[str, np.ndarray], data, samples,
                      batch_size: int, fold) -> list[str]:
     """Static SmoothQuant: smooths the nodes the static recipe quantizes, as the quantize stage will
     (same statistics, same alpha, so the same graph), and measures the ranges of their smoothed
@@ -313,19 +302,12 @@ def _smoothed_ranges(ctx: BuildContext, fp32: Path, recipe, absmax: dict[str, np
     smoothed nodes (the quantize stage smooths exactly these)."""
     import onnx
 
-    from edgeq.pipeline.quantize import static_plan
-
     model = onnx.load(str(fp32))
     done = smooth.smooth(model, absmax, recipe.smooth_alpha, set(static_plan(model, recipe)[1]))
     if done:
-        _run_batches(ctx, model, [smooth.smoothed_input(n) for n in done], samples, batch_size, fold,
+        _run_batches(ctx, model, [smooth.smoothed_input(n) for n in done], data, samples, batch_size, fold,
                      "calibration batch, smoothed")
     return sorted(done)
-
-
-def means_file(ranges_path: Path) -> Path:
-    """Where the calibrate stage leaves the per-channel input means beside `ranges_path`."""
-    return ranges_path.with_suffix(".means.npz")
 
 
 def _store(cache: Path, files: dict[str, Path]) -> None:
@@ -352,39 +334,3 @@ def _samples_sha256(samples) -> str:
         h.update(k.encode() + str(samples[k].shape).encode() + str(samples[k].dtype).encode())
         h.update(np.ascontiguousarray(samples[k]).tobytes())
     return h.hexdigest()
-
-
-def _load_samples(ctx: BuildContext, calib_path: str, limit: int):
-    from pathlib import Path
-
-    from edgeq.calib import read_npz, read_texts
-
-    path = Path(calib_path)
-    if ctx.config.get("family") == "vision":
-        from edgeq.calib.images import CALIB_VIEWS, image_arrays
-
-        arrays, _, _ = image_arrays(path, ctx.facts["preprocess"], ctx.facts["input_names"][0], limit, CALIB_VIEWS,
-                                    "calibration")
-        return arrays
-    if path.suffix.lower() == ".npz":
-        from edgeq.calib import npz_calibration_share
-
-        arrays = read_npz(path, ctx.facts["input_names"], specs=ctx.facts.get("input_specs"))
-        n = len(next(iter(arrays.values())))
-        share = npz_calibration_share(n, shared=ctx.config["evaluation"]["path"] == str(path))[0]
-        return {k: v[share][:limit] for k, v in arrays.items()}
-    if ctx.facts.get("tokenizer") is None:
-        raise EdgeqError("text calibration data needs a tokenizer: pass --tokenizer DIR, or calibration tensors as .npz")
-    return read_texts(path, limit=limit, text_field=ctx.config["calibration"]["text_field"])
-
-
-def _feed_batches(ctx: BuildContext, samples, batch_size: int):
-    from edgeq.calib import TextFeeds
-
-    if isinstance(samples, dict):
-        n = len(next(iter(samples.values())))
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in samples.items()}
-        return
-    feeds = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
-    yield from feeds.batches(samples, batch_size)

@@ -18,21 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.calib.source import for_build
 from edgeq.core import BuildContext, EdgeqError, StageResult
 from edgeq.metrics import fidelity, pooled, task_metric
-
-
-DEFAULT_TEXT_SAMPLES = 120  # unlabelled evaluation text read when --eval-samples is not given
 
 
 def run(ctx: BuildContext) -> StageResult:
     import onnxruntime as ort
 
-    if ctx.config.get("family") == "causal-lm":
+    if ctx.family == "causal-lm":
         return _causal_lm(ctx)
 
-    samples, removed, evalset = _eval_samples(ctx)
-    classifier = ctx.facts.get("task") in ("text-classification", "image-classification")
+    data = for_build(ctx)
+    # never evaluate on a calibration sample (text; .npz and photo views are split by the source)
+    calibrated = data.calibration_samples() if ctx.calibration is not None and ctx.family == "encoder" else []
+    samples, removed, evalset = data.evaluation(set(calibrated) if isinstance(calibrated, list) else set())
+    classifier = ctx.model.task in ("text-classification", "image-classification")
     outputs: dict[str, tuple[list, np.ndarray]] = {}
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures are raised with their message below
@@ -43,7 +44,7 @@ def run(ctx: BuildContext) -> StageResult:
             try:
                 o = sess.run(None, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
             except Exception as e:  # the evaluation data does not fit the model
-                raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config['evaluation']['path']}: "
+                raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config.evaluation.path}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
             pools.append(pooled(o, mask))
             raw.append(o[mask.astype(bool)] if (o.ndim == 3 and mask is not None) else o)
@@ -54,18 +55,18 @@ def run(ctx: BuildContext) -> StageResult:
         a.metrics.update(fidelity(ref_raw, raw, ref_pool, pool, classifier))
     task_settings = {}
     if evalset is not None and evalset.kind != "text":
-        scores, task_settings = task_metric(evalset, {k: v[1] for k, v in outputs.items()}, ctx.facts.get("task"),
-                                            ctx.facts.get("hf_config") or {})
+        scores, task_settings = task_metric(evalset, {k: v[1] for k, v in outputs.items()}, ctx.model.task,
+                                            ctx.model.hf_config)
         for a in ctx.artifacts:
             a.metrics["task"] = {"metric": task_settings["metric"], "value": round(scores[a.name], 6),
                                  "delta_vs_fp32": round(scores[a.name] - scores["fp32"], 6),
                                  "samples": len(evalset)}
     return StageResult(
-        settings={"data": ctx.config["evaluation"]["path"], "samples": len(samples), "batch_size": 1,
+        settings={"data": ctx.config.evaluation.path, "samples": len(samples), "batch_size": 1,
                   "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
                   **({"views": "12 per photo (scales 0.875-1.75 of the resize, shifted crops, mirrors); calibration "
-                              "used 8 other views" + (" of the same photos" if ctx.config["vision"]["eval_is_calibration_folder"]
-                                                      else "")} if ctx.config.get("family") == "vision" else {}),
+                              "used 8 other views" + (" of the same photos" if ctx.config.vision.eval_is_calibration_folder
+                                                      else "")} if ctx.family == "vision" else {}),
                   **({"task": task_settings} if task_settings else {})},
         metrics={"overlap_with_calibration_removed": removed,
                  **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement",
@@ -74,70 +75,13 @@ def run(ctx: BuildContext) -> StageResult:
     )
 
 
-def _eval_samples(ctx: BuildContext):
-    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set, read_npz
-
-    cfg = ctx.config["evaluation"]
-    path = Path(cfg["path"])
-    if ctx.config.get("family") == "vision":
-        from edgeq.calib import EvalSet
-        from edgeq.calib.images import EVAL_VIEWS, image_arrays
-
-        arrays, labels, names = image_arrays(path, ctx.facts["preprocess"], ctx.facts["input_names"][0],
-                                             cfg["samples"], EVAL_VIEWS, "evaluation")
-        x = next(iter(arrays.values()))
-        samples = [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in range(len(x))]
-        labelled = all(lb is not None for lb in labels) and len(set(labels)) >= 2
-        return samples, 0, EvalSet("classification", names, labels=labels) if labelled else None
-    if path.suffix.lower() == ".npz":
-        from edgeq.calib import npz_calibration_share
-
-        arrays = read_npz(path, ctx.facts["input_names"], what="evaluation", specs=ctx.facts.get("input_specs"))
-        n = len(next(iter(arrays.values())))
-        shared = ctx.config["calibration"]["path"] == str(path) and "static" in ctx.config["modes"]
-        held = range(n)[npz_calibration_share(n, shared)[1]]
-        removed = n - len(held)  # the samples calibration used
-        return [({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg["samples"]]], removed, None
-    if ctx.facts.get("tokenizer") is None:
-        raise EdgeqError("text evaluation data needs a tokenizer: pass --tokenizer DIR, or tensors as .npz")
-    calib = set(ctx.facts.get("calibration_samples") or [])
-    n = eval_count(cfg["samples"], path)
-    full = read_eval_set(path, limit=None if n is None else n + len(calib),
-                         text_field=ctx.config["calibration"]["text_field"])
-    evalset = full.without(calib)
-    if not len(evalset):
-        raise EdgeqError(f"evaluation file {path} has no samples that are not also calibration samples")
-    if n is not None:
-        evalset = evalset.subset(list(range(min(n, len(evalset)))))
-    feeds = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
-    out = []
-    for t in evalset.texts:
-        f = feeds([t])
-        out.append((model_feeds(f), mask_of(f)))
-    return out, sum(t in calib for t in full.texts), evalset
-
-
-def eval_count(samples: int | None, path: Path) -> int | None:
-    """Samples to evaluate: --eval-samples when given, else all of a labelled (JSONL) set and
-    DEFAULT_TEXT_SAMPLES of plain text."""
-    if samples is not None:
-        return samples
-    return None if path.suffix.lower() in {".jsonl", ".ndjson"} else DEFAULT_TEXT_SAMPLES
-
-
 def _causal_lm(ctx: BuildContext) -> StageResult:
     """Perplexity of every artifact on held-out text (each sample a row of at most --max-length
     tokens, one call with an empty cache), and agreement with fp32's next-token predictions."""
-    from edgeq.calib import read_eval_set
     from edgeq import causal_lm
 
-    cfg = ctx.config["evaluation"]
-    path = Path(cfg["path"])
-    texts = read_eval_set(path, limit=eval_count(cfg["samples"], path),
-                          text_field=ctx.config["calibration"]["text_field"]).texts
-    rows = causal_lm.token_batches(ctx.facts["tokenizer"], texts, ctx.config["max_length"])
-    if not rows:
-        raise EdgeqError(f"evaluation file {path}: no sample has the 2 tokens a next-token prediction needs")
+    path = Path(ctx.config.evaluation.path)
+    rows = for_build(ctx).evaluation_rows()
     try:
         results = causal_lm.evaluate({a.name: ctx.path(a.path) for a in ctx.artifacts}, rows, ctx.track)
     except EdgeqError:
@@ -154,7 +98,7 @@ def _causal_lm(ctx: BuildContext) -> StageResult:
                              "relative_vs_fp32": round(r["perplexity"] / ref - 1, 6), "tokens": r["tokens"],
                              "samples": len(rows)}
     return StageResult(
-        settings={"data": str(path), "samples": len(rows), "max_length": ctx.config["max_length"],
+        settings={"data": str(path), "samples": len(rows), "max_length": ctx.config.max_length,
                   "reference": "fp32", "task": {"metric": "perplexity", "how": "exp(mean negative log-likelihood "
                   "of each next token), every sample a separate sequence"},
                   "agreement": "top-1 next-token agreement and cosine of the logit vectors vs fp32, every position"},

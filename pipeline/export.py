@@ -5,19 +5,15 @@ onnx.checker and used as is.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.core import (
-    BuildContext, EdgeqError, Files, StageResult, atomic_write_json, external_location, model_tensors, onnx_files,
-    read_json_object, sha256_file,
-)
+from edgeq.core import BuildContext, EdgeqError, Files, ModelFacts, StageResult, atomic_write_json, onnx_files, sha256_file
+from edgeq.intake import check_model_safety, check_onnx, read_hf_config
 
 # Architectures -> optimum task. Everything else in an encoder config exports as feature extraction.
 _TASK_BY_ARCH_SUFFIX = {
@@ -36,197 +32,12 @@ def infer_task(config: dict) -> str:
     return "feature-extraction"
 
 
-# config.json keys edgeq reads itself, with the JSON types they must have (null: as if absent)
-_CONFIG_TYPES = {"architectures": (list, "a list of class names"), "model_type": (str, "a string"),
-                 "is_encoder_decoder": (bool, "true or false"), "max_position_embeddings": (int, "an integer")}
-
-
-def read_hf_config(model_dir: Path) -> dict:
-    """A model folder's config.json, as a user error when it is missing, not a JSON object, or one
-    of the keys edgeq reads has the wrong type (`"architectures": 5` would otherwise surface as a
-    TypeError deep in the build)."""
-    cfg = model_dir / "config.json"
-    if not cfg.is_file():
-        raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    data = read_json_object(cfg)
-    for key, (typ, what) in _CONFIG_TYPES.items():
-        value = data.get(key)
-        if value is None:
-            continue
-        wrong = not isinstance(value, typ) or (typ is int and isinstance(value, bool))
-        if key == "architectures" and not wrong:
-            wrong = not all(isinstance(a, str) for a in value)
-        if key == "max_position_embeddings" and not wrong:
-            wrong, what = value < 1, "a positive integer"
-        if wrong:
-            raise EdgeqError(f"{cfg}: '{key}' must be {what}, got {_show_json(value)}")
-    return data
-
-
-def _show_json(value) -> str:
-    text = json.dumps(value, ensure_ascii=True)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_onnx(path: Path) -> None:
-    """A given .onnx, as a user error if it is not a valid model. First its external data, read
-    from the protobuf alone: every location must name a file inside the model's folder, and the
-    byte ranges must lie inside those files; nothing outside the folder is opened. Then onnx.checker
-    on the path (so models with external data and >2 GB work)."""
-    import onnx
-
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # DecodeError for a damaged protobuf, OSError...
-        why = _first_line(e) if str(e).strip() else type(e).__name__
-        raise EdgeqError(f"{path} is not a valid ONNX model: {why}") from None
-    check_external_data(path, proto)
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
-
-
-def _fixed_nbytes(tensor) -> int | None:
-    """Bytes of a tensor's data when its element type has a whole-byte size (None: strings, packed
-    sub-byte types, unknown types)."""
-    from onnx import TensorProto, helper
-
-    try:
-        if TensorProto.DataType.Name(tensor.data_type) in _NOT_WHOLE_BYTES:
-            return None
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:  # undefined or unknown type, or one numpy lacks
-        return None
-    n = 1
-    for d in tensor.dims:
-        if d < 0:
-            return None
-        n *= d
-    return n * itemsize
-
-
-_NOT_WHOLE_BYTES = {"UNDEFINED", "STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"}
-
-
-def check_external_data(model_path: Path, proto) -> list[Path]:
-    """The external-data files of a model (each once), after checking every reference: its
-    location a relative path without '..' that resolves (symlinks followed) to a regular file inside
-    the model's folder, its offset and length numbers within that file. A user error otherwise."""
-    from onnx import TensorProto
-
-    root = model_path.parent.resolve()
-    files: dict[str, Path] = {}
-    for t in model_tensors(proto):
-        if t.data_location != TensorProto.EXTERNAL:  # what neither onnx nor ONNX Runtime reads from a file
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
-        where = f"{model_path}: tensor {t.name!r}: external data location {loc!r}"
-        if not loc:
-            raise EdgeqError(f"{model_path}: tensor {t.name!r} uses external data but names no location")
-        real, problem = external_location(root, loc)
-        if problem:
-            raise EdgeqError(f"{where} {problem}")
-        try:
-            st = real.stat()
-        except OSError as e:  # missing, a name too long, no permission...
-            why = "external data file missing" if isinstance(e, FileNotFoundError) else e.strerror
-            raise EdgeqError(f"{where}: {why}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise EdgeqError(f"{where}: not a regular file")
-        size = st.st_size
-        try:
-            offset = int(info.get("offset") or 0)
-            length = int(info["length"]) if info.get("length") not in (None, "") else None
-        except ValueError:
-            raise EdgeqError(f"{where}: offset/length are not integers") from None
-        expected = _fixed_nbytes(t)
-        if offset < 0 or (length is not None and length < 0):
-            raise EdgeqError(f"{where}: negative offset or length")
-        if length is not None and expected is not None and length != expected:
-            raise EdgeqError(f"{where}: length {length} bytes, but a tensor of its type and shape has {expected}")
-        needed = length if length is not None else expected or 0
-        if offset + needed > size:
-            raise EdgeqError(f"{where}: bytes {offset}..{offset + needed} lie beyond the end of the file "
-                             f"({size} bytes)")
-        files.setdefault(str(real), root / loc)
-    return list(files.values())
-
-
-_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
-_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-                 "feature_extractor_config.json", "image_processor_config.json")
-_CODE_KEYS = ("auto_map", "custom_pipelines")
-
-
-def check_model_safety(model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False, *,
-                       tokenizer_only: bool = False) -> None:
-    """Refuse, before anything loads it, a Hugging Face folder that would run code from the folder:
-    a config naming custom Python classes (auto_map: transformers imports the folder's .py files
-    with trust_remote_code) unless `trust_remote_code`; pickle-based weights (pytorch_model.bin,
-    .pt, .pth, .ckpt, .pkl: unpickling can run code) when no safetensors weights are there to load
-    instead, unless `allow_pickle`. `tokenizer_only`: the folder only lends its tokenizer (an .onnx
-    model's, --tokenizer): only code the tokenizer would run counts, and weights are not read."""
-    model_dir = Path(model_dir)
-    if not trust_remote_code:
-        for name in _CODE_CONFIGS:
-            f = model_dir / name
-            if not f.is_file() or (tokenizer_only and name not in ("config.json", "tokenizer_config.json")):
-                continue
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # unreadable or invalid: transformers cannot use it either
-                continue
-            if not isinstance(data, dict):
-                continue
-            for key in _CODE_KEYS:
-                value = data.get(key)
-                if tokenizer_only and name == "config.json":  # the model's classes are not loaded
-                    value = value.get("AutoTokenizer") if key == "auto_map" and isinstance(value, dict) else None
-                if value:
-                    code = _code_refs(value)
-                    raise EdgeqError(f"{f}: '{key}' names custom code{f' ({code})' if code else ''} that "
-                                     "transformers would import and run; pass --trust-remote-code if you trust it")
-    if not allow_pickle and not tokenizer_only and not _has_safetensors(model_dir):
-        pickles = sorted({p.name for pat in _PICKLE_WEIGHTS for p in model_dir.glob(pat) if p.is_file()})
-        if pickles:
-            raise EdgeqError(f"{model_dir / pickles[0]}: pickle-based weights (loading them can run code) and no "
-                             ".safetensors weights beside them; pass --allow-pickle if you trust them")
-
-
-def _has_safetensors(model_dir: Path) -> bool:
-    return (any(p.is_file() for p in model_dir.glob("*.safetensors"))
-            or (model_dir / "model.safetensors.index.json").is_file())
-
-
-def _code_refs(value) -> str:
-    """The class references of an auto_map, for the message: 'modeling_x.MyModel, ...'."""
-    refs: list[str] = []
-
-    def walk(v):
-        if isinstance(v, str):
-            refs.append(v)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(value)
-    text = ", ".join(dict.fromkeys(" ".join(r.split()) for r in refs if r.strip()))
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def run(ctx: BuildContext) -> StageResult:
     out_dir = ctx.path(Files.EXPORT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.model_kind == "onnx":
         return _take_onnx(ctx, out_dir)
-    if ctx.config.get("family") == "causal-lm":
+    if ctx.family == "causal-lm":
         return _export_causal_lm(ctx, out_dir)
     if ctx.model_kind == "module":
         return _export_module(ctx, out_dir)
@@ -244,7 +55,7 @@ def _export_module(ctx: BuildContext, out_dir: Path) -> StageResult:
 
     from edgeq.calib.images import CALIB_VIEWS, image_arrays, resolve_preprocess
 
-    spec = str(ctx.config["model"])
+    spec = str(ctx.config.model)
     module_name, attr = spec.split(":", 1)
     try:
         factory = importlib.import_module(module_name)
@@ -261,15 +72,16 @@ def _export_module(ctx: BuildContext, out_dir: Path) -> StageResult:
     if not isinstance(model, torch.nn.Module):
         raise EdgeqError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     model.eval()
-    vcfg = ctx.config["vision"]
-    shape = vcfg["input_shape"] or getattr(factory, "edgeq_input_shape", None) or getattr(model, "edgeq_input_shape", None)
+    vcfg = ctx.config.vision
+    shape = vcfg.input_shape or getattr(factory, "edgeq_input_shape", None) or getattr(model, "edgeq_input_shape", None)
     if not shape:
         raise EdgeqError(f"{spec}: no input shape: pass --input-shape N,C,H,W (or give the factory an "
                          "edgeq_input_shape attribute)")
     declared = getattr(factory, "edgeq_preprocess", None) or getattr(model, "edgeq_preprocess", None) or {}
-    pre = resolve_preprocess({**declared, **vcfg["preprocess"]}, list(shape))
-    ctx.facts.update(task="image-classification", hf_config={}, tokenizer=None, preprocess=pre)
-    arrays, _, _ = image_arrays(Path(ctx.config["calibration"]["path"]), pre, "input", 4, CALIB_VIEWS, "calibration")
+    pre = resolve_preprocess({**declared, **vcfg.preprocess}, list(shape))
+    ctx.model = ModelFacts(task="image-classification", hf_config={}, preprocess=pre)
+    ctx.tokenizer = None
+    arrays, _, _ = image_arrays(Path(ctx.config.calibration.path), pre, "input", 4, CALIB_VIEWS, "calibration")
     x = arrays["input"]
     opset = ctx.target.opset
     path = out_dir / "model.onnx"
@@ -287,7 +99,7 @@ def _export_module(ctx: BuildContext, out_dir: Path) -> StageResult:
     ref = ref.numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     diff = float(np.abs(ref - got).max())
-    atol = float(ctx.config.get("export_atol", 1e-3))
+    atol = ctx.config.export_atol
     if diff > atol:
         raise EdgeqError(f"export validation failed: ONNX differs from PyTorch by {diff:.2e} (> atol {atol:g})")
     atomic_write_json(ctx.path("preprocess.json"), pre)
@@ -313,30 +125,29 @@ def _export_causal_lm(ctx: BuildContext, out_dir: Path) -> StageResult:
                 "exporter": f"optimum.exporters.onnx.main_export (task {causal_lm.EXPORT_TASK})"}
     metrics: dict = {}
     if ctx.model_kind == "gguf":
-        cache = Path(ctx.config["out"]) / ctx.model_name / ".cache" / "hf-from-gguf"
+        cache = Path(ctx.config.out) / ctx.model_name / ".cache" / "hf-from-gguf"
         model_dir, digest = causal_lm.hf_dir_from_gguf(src, cache, ctx.log)
         settings["converted_from_gguf"] = str(model_dir)
         metrics["gguf_sha256"] = digest
     else:
         model_dir = src
         metrics["weights_sha256"] = _weights_sha256(model_dir)
-    ctx.facts["hf_config"] = read_hf_config(model_dir)
-    ctx.facts["task"] = "text-generation"
-    _save_tokenizer(ctx, Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else model_dir, required=True)
+    ctx.model = ModelFacts(task="text-generation", hf_config=read_hf_config(model_dir))
+    _save_tokenizer(ctx, Path(ctx.config.tokenizer) if ctx.config.tokenizer else model_dir, required=True)
     try:
         with _quiet_libraries():
             causal_lm.export(model_dir, out_dir, ctx.target.opset,
-                             trust_remote_code=bool(ctx.config.get("trust_remote_code", False)))
+                             trust_remote_code=ctx.config.trust_remote_code)
     except Exception as e:
         raise EdgeqError(f"cannot export {src.name}: {type(e).__name__}: {_first_line(e)}") from None
     for f in ("config.json", "generation_config.json"):
         if (model_dir / f).is_file():
             shutil.copyfile(model_dir / f, ctx.path(f))
     with _quiet_libraries():
-        check = causal_lm.validate(model_dir, out_dir / "model.onnx", ctx.facts["tokenizer"],
+        check = causal_lm.validate(model_dir, out_dir / "model.onnx", ctx.tokenizer,
                                    read_texts(default_eval_path(), limit=4, what="evaluation"),
-                                   trust_remote_code=bool(ctx.config.get("trust_remote_code", False)))
-    atol = float(ctx.config.get("export_atol", 1e-3)) * 10  # logits of a 50k vocabulary, not hidden states
+                                   trust_remote_code=ctx.config.trust_remote_code)
+    atol = ctx.config.export_atol * 10  # logits of a 50k vocabulary, not hidden states
     if check["max_abs_diff"] > atol:
         raise EdgeqError(f"export validation failed: ONNX logits differ from PyTorch by {check['max_abs_diff']:.2e} "
                          f"(> atol {atol:g})")
@@ -360,15 +171,15 @@ def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dst)
     # Tokenizer and config beside the .onnx (e.g. an optimum export dir), or given with --tokenizer.
-    tok_dir = Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else src.parent
+    tok_dir = Path(ctx.config.tokenizer) if ctx.config.tokenizer else src.parent
     has_tokenizer = any((tok_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
     _save_tokenizer(ctx, tok_dir, required=has_tokenizer)
     cfg = tok_dir / "config.json"
-    ctx.facts["hf_config"] = read_hf_config(tok_dir) if cfg.is_file() else {}
-    if ctx.facts["hf_config"]:
+    hf_config = read_hf_config(tok_dir) if cfg.is_file() else {}
+    if hf_config:
         shutil.copyfile(cfg, ctx.path(Files.MODEL_CONFIG))
-    ctx.facts["task"] = ctx.config.get("task") or (infer_task(ctx.facts["hf_config"]) if ctx.facts["hf_config"]
-                                                   else "feature-extraction")
+    task = ctx.config.task or (infer_task(hf_config) if hf_config else "feature-extraction")
+    ctx.model = ModelFacts(task=task, hf_config=hf_config)
     return StageResult(
         settings={"source": str(src), "kind": "onnx"},
         outputs=[Files.EXPORTED],
@@ -379,17 +190,17 @@ def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
 def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:
     from transformers import AutoTokenizer
 
-    trust = bool(ctx.config.get("trust_remote_code", False))
+    trust = ctx.config.trust_remote_code
     check_model_safety(model_dir, trust_remote_code=trust, tokenizer_only=True)  # a tokenizer's own code
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust)
     except Exception as e:
         if required:
             raise EdgeqError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {_first_line(e)}") from None
-        ctx.facts["tokenizer"] = None
+        ctx.tokenizer = None
         return
     tok.save_pretrained(str(ctx.path(Files.TOKENIZER_DIR)))
-    ctx.facts["tokenizer"] = tok
+    ctx.tokenizer = tok
 
 
 def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
@@ -397,11 +208,10 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
 
     model_dir = ctx.model_path
     hf_config = read_hf_config(model_dir)
-    task = ctx.config.get("task") or infer_task(hf_config)
+    task = ctx.config.task or infer_task(hf_config)
     if task not in SUPPORTED_TASKS:
         raise EdgeqError(f"task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
-    ctx.facts["hf_config"] = hf_config
-    ctx.facts["task"] = task
+    ctx.model = ModelFacts(task=task, hf_config=hf_config)
     opset = ctx.target.opset
     # optimum would infer library "sentence_transformers" for sentence-transformers dirs and export
     # pooled outputs through a different code path; the plain transformers export keeps
@@ -411,16 +221,16 @@ def _export_hf(ctx: BuildContext, out_dir: Path) -> StageResult:
             main_export(
                 str(model_dir), output=str(out_dir), task=task, opset=opset, library_name="transformers",
                 do_validation=False, local_files_only=True, device="cpu",
-                trust_remote_code=bool(ctx.config.get("trust_remote_code", False)),
+                trust_remote_code=ctx.config.trust_remote_code,
             )
     except Exception as e:
         # The exporter raises whatever the model's files provoke (truncated weights: SafetensorError,
         # unknown architecture: KeyError/ValueError...): the model is the cause, so a user error.
         raise EdgeqError(f"cannot export {model_dir.name}: {type(e).__name__}: {_first_line(e)}") from None
     shutil.copyfile(model_dir / "config.json", ctx.path(Files.MODEL_CONFIG))
-    _save_tokenizer(ctx, Path(ctx.config["tokenizer"]) if ctx.config.get("tokenizer") else model_dir, required=True)
+    _save_tokenizer(ctx, Path(ctx.config.tokenizer) if ctx.config.tokenizer else model_dir, required=True)
     diff = _validate_against_torch(ctx, model_dir, out_dir / "model.onnx", task)
-    atol = float(ctx.config.get("export_atol", 1e-3))
+    atol = ctx.config.export_atol
     if diff["max_abs_diff"] > atol:
         raise EdgeqError(f"export validation failed: ONNX differs from PyTorch by {diff['max_abs_diff']:.2e} "
                          f"(> atol {atol:g})")
@@ -469,9 +279,9 @@ def _validate_against_torch(ctx: BuildContext, model_dir: Path, onnx_path: Path,
 
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
     model = cls.from_pretrained(str(model_dir), local_files_only=True,
-                                trust_remote_code=bool(ctx.config.get("trust_remote_code", False))).eval()
+                                trust_remote_code=ctx.config.trust_remote_code).eval()
     texts = read_texts(default_eval_path(), limit=8, what="evaluation")
-    enc = ctx.facts["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    enc = ctx.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: enc[n].numpy().astype(np.int64) for n in names}

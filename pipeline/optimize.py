@@ -79,13 +79,13 @@ def run(ctx: BuildContext) -> StageResult:
     out = ctx.path(Files.FP32)
     before = onnx.load(str(src), load_external_data=False)
     large = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > _LARGE
-    plan = fusion_plan(ctx.facts.get("hf_config") or {}) if ctx.config.get("family") not in ("causal-lm", "vision") else {}
+    plan = fusion_plan(ctx.model.hf_config) if ctx.family not in ("causal-lm", "vision") else {}
     fused_ops: dict[str, int] = {}
     notes = []
-    if ctx.config.get("family") == "causal-lm":
+    if ctx.family == "causal-lm":
         # Weight-only quantizers need neither the transformer fusions nor the pre-processing (shape
         # inference) that static quantization does. The one rewrite is the attention fusion, which
-        # decode speed needs (pipeline/lm_fusion.py); it is kept only if it computes what the export does.
+        # decode speed needs (pipeline/ops/lm_fusion.py); it is kept only if it computes what the export does.
         for f in onnx_files(src):  # model.onnx and its external data, if any
             shutil.copyfile(f, out if f == src else out.parent / f.name)
         fused_ops, notes, plan = _fuse_decoder(ctx, out, large)
@@ -104,14 +104,14 @@ def run(ctx: BuildContext) -> StageResult:
                              f"kernels on {ctx.target.name}; see the target profile)")
     else:
         notes.append("no onnxruntime.transformers fusions for " + (
-            "an image model" if ctx.config.get("family") == "vision"
-            else f"model type {ctx.facts['hf_config'].get('model_type')!r}"))
+            "an image model" if ctx.family == "vision"
+            else f"model type {ctx.model.hf_config.get('model_type')!r}"))
         fused = src
     # Image models get ONNX Runtime's basic (EP-independent) optimizations saved into the graph:
     # constant folding turns TF-style "same" padding (Shape/Slice/Pad chains computed at run time,
     # 17 of them in EfficientNet-Lite0) into Conv pads. Left in, each chain sits between a
     # DequantizeLinear and a QuantizeLinear and static int8 ran 0.90x fp32; folded, 1.5x.
-    skip_opt = ctx.config.get("family") != "vision"
+    skip_opt = ctx.family != "vision"
     if not skip_opt:
         notes.append("onnxruntime basic graph optimizations applied (constant folding, Pad fused into Conv)")
     try:
@@ -130,16 +130,16 @@ def _record(ctx: BuildContext, before, out: Path, plan: dict, fused_ops: dict, s
     import onnx
 
     after = onnx.load(str(out), load_external_data=False)
-    ctx.facts["input_names"] = [i.name for i in after.graph.input]
-    ctx.facts["input_specs"] = {
+    ctx.model.input_names = [i.name for i in after.graph.input]
+    ctx.model.input_specs = {
         i.name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
                  "rank": len(i.type.tensor_type.shape.dim) if i.type.tensor_type.HasField("shape") else None}
         for i in after.graph.input}
-    ctx.facts["output_names"] = [o.name for o in after.graph.output]
+    ctx.model.output_names = [o.name for o in after.graph.output]
     ctx.artifacts.append(Artifact(name="fp32", path=Files.FP32, precision="fp32",
                                   recipe={"fusions": plan or None}))
     return StageResult(
-        settings={"fusion": plan or None, "opt_level": 1 if ctx.config.get("family") == "vision" else 0, "shape_inference": shape_inference,
+        settings={"fusion": plan or None, "opt_level": 1 if ctx.family == "vision" else 0, "shape_inference": shape_inference,
                   "external_data": large},
         outputs=[Files.FP32],
         metrics={"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node),
@@ -159,7 +159,7 @@ def _fuse_decoder(ctx: BuildContext, out: Path, large: bool) -> tuple[dict[str, 
     from edgeq.pipeline.ops import lm_fusion
     from edgeq.causal_lm import session
 
-    cfg = ctx.facts.get("hf_config") or {}
+    cfg = ctx.model.hf_config
     why = lm_fusion.fusable(cfg) or ("the model keeps its weights in external data" if large else None)
     if why:
         return {}, [f"attention kept as exported: {why}"], {}

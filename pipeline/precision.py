@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
 from edgeq.metrics import pooled, row_cosine, task_metric
@@ -50,17 +49,17 @@ def run(ctx: BuildContext) -> StageResult:
     outputs: list[str] = []
     metrics: dict = {}
     for mode, fn in (("fp16", _fp16), ("hybrid", _hybrid)):
-        if mode in ctx.config["modes"]:
+        if mode in ctx.config.modes:
             settings[mode], metrics[mode] = fn(ctx)
             outputs.append(ctx.artifacts[-1].path)
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
 
 def _fp16(ctx: BuildContext) -> tuple[dict, dict]:
-    cfg = ctx.config["fp16"]
+    cfg = ctx.config.fp16
     out = ctx.path(Files.model("fp16"))
-    stats = to_fp16(ctx.path(Files.FP32), out, cfg["keep_io_types"], cfg["op_block_list"])
-    settings = {"keep_io_types": cfg["keep_io_types"], "op_block_list": cfg["op_block_list"] or "onnxruntime default",
+    stats = to_fp16(ctx.path(Files.FP32), out, cfg.keep_io_types, cfg.op_block_list)
+    settings = {"keep_io_types": cfg.keep_io_types, "op_block_list": cfg.op_block_list or "onnxruntime default",
                 "converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16"}
     ctx.artifacts.append(Artifact(name="fp16", path=Files.model("fp16"), precision="fp16",
                                   recipe={"mode": "fp16", **settings}))
@@ -75,13 +74,16 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     import onnx
     import onnxruntime as ort
 
-    from edgeq.calib import TextFeeds, mask_of, model_feeds
+    from edgeq.calib.source import for_build
+    from edgeq.measure import run_runner
     from edgeq.pipeline.ops import hybrid
-    from edgeq.measure import ensure_bench_inputs, run_runner
-    from edgeq.pipeline.quantize import first_layers_kept_float
+    from edgeq.pipeline.ops.quantizer import quantize_static_recipe
+    from edgeq.pipeline.ops.static_plan import first_layers_kept_float
 
-    budget = ctx.config["max_accuracy_drop"]
-    r = ctx.target.static_for(ctx.config.get("family"))
+    budget = ctx.config.max_accuracy_drop
+    r = ctx.static
+    cal = ctx.calibration
+    data = for_build(ctx)
     op_types = set(r.op_types)
     work = ctx.path("work/hybrid")
     work.mkdir(parents=True, exist_ok=True)
@@ -91,20 +93,15 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     # the search on EfficientNet-Lite0 kept 20+ convs float and ran slower than fp32).
     first = [k["node"] for k in first_layers_kept_float(onnx.load(str(ctx.path(Files.FP32)), load_external_data=False),
                                                          op_types, r.keep_float_first)]
-    hybrid.quantize_static_recipe(ctx.path(Files.FP32), full_path, r, ctx.facts["ranges_path"],
-                                  ctx.config["calibration"]["method"], exclude=first)
+    quantize_static_recipe(ctx.path(Files.FP32), full_path, r, cal.ranges_path, cal.method, exclude=first,
+                           means_path=cal.means_path)
     fp32, full = onnx.load(str(ctx.path(Files.FP32))), onnx.load(str(full_path))
     candidates = hybrid.quantized_nodes(full, op_types)
     if not candidates:
         raise EdgeqError(f"hybrid: the model has no {'/'.join(sorted(op_types))} nodes to quantize")
     # selection samples: calibration data, one sample per run as on a device
-    samples = ctx.facts["calibration_samples"]
-    if isinstance(samples, dict):
-        sel = [({k: v[i:i + 1] for k, v in samples.items()}, None)
-               for i in range(min(SELECTION_SAMPLES, len(next(iter(samples.values())))))]
-    else:
-        tf = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
-        sel = [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in samples[:SELECTION_SAMPLES])]
+    samples = data.calibration_samples()
+    sel = data.singles(samples, SELECTION_SAMPLES)
 
     def outputs(model, feeds) -> np.ndarray:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -115,8 +112,9 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     def cosine(model) -> float:
         return float(row_cosine(outputs(model, sel), ref).mean())
 
-    budget_metric = ctx.config.get("budget_metric", "cosine")
-    task_sel = _task_selection(ctx) if budget_metric == "task" else None
+    budget_metric = ctx.config.budget_metric
+    task_sel = data.task_selection(set(samples) if isinstance(samples, list) else set()) \
+        if budget_metric == "task" else None
     name = value = ref_value = None
     if task_sel is not None:
         tsel, tfeeds = task_sel
@@ -124,8 +122,8 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
 
         def task_value(model) -> tuple[float, float, str]:
             """(the model's task metric, fp32's, the metric's name) on the selection half."""
-            scores, how = task_metric(tsel, {"fp32": task_ref, "m": outputs(model, tfeeds)}, ctx.facts.get("task"),
-                                      ctx.facts.get("hf_config") or {})
+            scores, how = task_metric(tsel, {"fp32": task_ref, "m": outputs(model, tfeeds)}, ctx.model.task,
+                                      ctx.model.hf_config)
             return scores["m"], scores["fp32"], how["metric"]
 
     fp16 = bool(ctx.target.fp16_compute)
@@ -159,10 +157,11 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         if step["meets_budget"]:
             break
     # latency of every step and fp32, interleaved in one process (the same runner as the benchmark)
-    bcfg = ctx.config["benchmark"]
+    bcfg = ctx.config.benchmark
     lat = run_runner({"models": [str(ctx.path(Files.FP32))] + [str(s["path"]) for s in steps],
-                      "inputs": str(ensure_bench_inputs(ctx)), "threads": bcfg["threads"] or os.cpu_count(),
-                      "warmup": min(bcfg["warmup"], 5), "runs": max(5, bcfg["runs"] // 2)})
+                      "inputs": str(data.bench_file(ctx.path(Files.BENCH_INPUTS))),
+                      "threads": bcfg.threads or os.cpu_count(),
+                      "warmup": min(bcfg.warmup, 5), "runs": max(5, bcfg.runs // 2)})
     if "results" not in lat:
         raise RuntimeError(f"hybrid: benchmarking the steps failed: {lat.get('error') or lat.get('unavailable')}")
     fp32_ms = lat["results"][0]["latency_p50_ms"]
@@ -196,18 +195,3 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         if s is not chosen:
             s["path"].unlink()
     return settings, {"sensitivity": sensitivity, "curve": curve, "chosen_step": chosen["step"], "kept": kept}
-
-
-def _task_selection(ctx: BuildContext):
-    """(the selection half of the labelled evaluation set, its feeds) for a task-metric budget."""
-    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set
-
-    path = Path(ctx.config["evaluation"]["path"])
-    evalset = read_eval_set(path, text_field=ctx.config["calibration"]["text_field"])
-    evalset = evalset.without(set(ctx.facts.get("calibration_samples") or []))
-    if evalset.kind == "text":
-        raise EdgeqError(f"--budget-metric task needs labelled evaluation data (JSONL with labels or scored "
-                         f"pairs); {path.name} has none")
-    sel = evalset.subset(list(range(0, len(evalset), 2)))
-    tf = TextFeeds(ctx.facts["tokenizer"], ctx.facts["input_names"], ctx.config["max_length"])
-    return sel, [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in sel.texts)]

@@ -92,6 +92,19 @@ class Fp16Recipe:
 
 
 @dataclass(frozen=True)
+class Smoothing:
+    """Which int8 nodes a build smooths (pipeline/ops/smooth.py); see Target.smoothing."""
+
+    dynamic: bool  # dynamically quantized nodes, with [dynamic] smooth_alpha
+    static: bool  # statically quantized nodes, with the static recipe's smooth_alpha
+
+    @property
+    def measured(self) -> bool:
+        """Whether the calibrate stage measures the per-channel |max| that smoothing needs."""
+        return self.dynamic or self.static
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -134,6 +147,20 @@ class Target:
     def static_for(self, family: str | None) -> StaticRecipe:
         """The static int8 recipe for a model family ("vision" or anything else)."""
         return self.static_vision if family == "vision" else self.static
+
+    def smoothing(self, family: str | None, modes) -> "Smoothing":
+        """What a build of these modes smooths with SmoothQuant: the dynamic int8 nodes when
+        [dynamic] smooth_alpha is on and a dynamic artifact is built, or a static one whose
+        fallback is dynamic; the static int8 nodes when [static] smooth_alpha is on. A causal LM
+        has only its dynamic artifact to smooth (int4 is weight-only)."""
+        modes = set(modes)
+        if family == "causal-lm":
+            return Smoothing(dynamic=self.dynamic.smooth_alpha > 0 and "dynamic" in modes, static=False)
+        static = self.static_for(family)
+        return Smoothing(
+            dynamic=self.dynamic.smooth_alpha > 0 and (
+                "dynamic" in modes or ("static" in modes and static.fallback == "dynamic")),
+            static="static" in modes and static.smooth_alpha > 0)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -54,7 +54,8 @@ FAST = dict(runs=5, warmup=1, calib_samples=32, eval_samples=24)
 
 
 def run_build(model: Path, out: Path, **kw) -> dict:
-    from edgeq.build import build, resolve_config
+    from edgeq.build import build
+    from edgeq.config import resolve_config
 
     cfg = resolve_config(model=str(model), out=str(out), **{**FAST, **kw})
     return build(cfg, log=lambda m: None)

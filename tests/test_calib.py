@@ -95,11 +95,12 @@ def test_text_feeds_match_model_inputs(tiny_bert):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_bert))
     feeds = TextFeeds(tok, ["input_ids", "attention_mask", "token_type_ids"], max_length=16)
-    out = feeds(["a short one", "a much longer sentence that will certainly be cut at sixteen tokens " * 3])
+    out = feeds(["a short one", "a much longer sentence that will certainly be cut at sixteen tokens " * 3]).feeds
     assert set(out) == {"input_ids", "attention_mask", "token_type_ids"}
     assert out["input_ids"].dtype == np.int64 and out["input_ids"].shape == (2, 16)
     assert out["attention_mask"][0].sum() < 16 and out["attention_mask"][1].sum() == 16
-    padded = feeds(["a"], pad_to=8)
+    padded = feeds(["a"], pad_to=8).feeds
     assert padded["input_ids"].shape == (1, 8)
-    # a model without attention_mask input still gets the mask for pooling, under a private key
-    assert "__mask__" in TextFeeds(tok, ["input_ids"])(["a b"])
+    # a model without attention_mask input still gets the mask for pooling, beside its feeds
+    no_mask_input = TextFeeds(tok, ["input_ids"])(["a b"])
+    assert set(no_mask_input.feeds) == {"input_ids"} and no_mask_input.mask is not None

@@ -126,7 +126,7 @@ def test_generate_command_streams_greedy_text(llama_build):
 
 
 def test_language_model_user_errors(tiny_llama, tmp_path):
-    from edgeq.build import resolve_config
+    from edgeq.config import resolve_config
 
     with pytest.raises(EdgeqError, match="mode static is not built for causal language models"):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("static",))
@@ -136,11 +136,11 @@ def test_language_model_user_errors(tiny_llama, tmp_path):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("hybrid",))
     # for a causal LM --max-accuracy-drop is a gate only (relative perplexity), not a hybrid build
     cfg = resolve_config(model=str(tiny_llama), out=str(tmp_path), max_accuracy_drop=0.05)
-    assert "hybrid" not in cfg["modes"] and cfg["gates"]["max_accuracy_drop"] == 0.05
+    assert "hybrid" not in cfg.modes and cfg.gates.max_accuracy_drop == 0.05
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     cfg = resolve_config(model=str(bad), out=str(tmp_path / "o"))
-    assert cfg["family"] == "causal-lm" and cfg["model_kind"] == "gguf"
+    assert cfg.family == "causal-lm" and cfg.model_kind == "gguf"
     from edgeq.build import build
     with pytest.raises(EdgeqError, match="cannot load broken.gguf as a causal language model"):
         build(cfg, log=lambda m: None)
@@ -163,7 +163,7 @@ def test_gguf_grid_repack_is_exact_and_handles_shared_weights(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.causal_lm import repack_gguf_grids
+    from edgeq.pipeline.ops.int4 import repack_gguf_grids
 
     rng = np.random.default_rng(0)
     k, n = 64, 8

@@ -227,9 +227,9 @@ def test_a_valid_case_passes_the_contract(world):
 def test_the_harness_catches_what_it_must(world, monkeypatch):
     """A contract violation fails check_contract: an internal error, native stderr noise, a visible
     warning, a written file."""
-    import edgeq.build
+    import edgeq.config
 
-    real = edgeq.build.resolve_config
+    real = edgeq.config.resolve_config
     faults = {
         "internal": lambda **kw: 1 / 0,
         "native": lambda **kw: (os.write(2, b"[W] native library noise\n"), real(**kw))[1],
@@ -237,7 +237,7 @@ def test_the_harness_catches_what_it_must(world, monkeypatch):
         "writes": lambda **kw: (Path("stray.txt").write_text("x"), real(**kw))[1],
     }
     for name, fault in faults.items():
-        monkeypatch.setattr(edgeq.build, "resolve_config", fault)
+        monkeypatch.setattr(edgeq.config, "resolve_config", fault)
         with new_case(world) as case, pytest.raises(AssertionError):
             check_contract(["config", str(world["hf"]), "-o", str(case / "out")], case, "harness")
 

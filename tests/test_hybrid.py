@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.pipeline.ops import hybrid
+from edgeq.pipeline.ops import hybrid, quantizer
 
 
 def _run(model, feeds):
@@ -23,7 +23,7 @@ def qdq(tiny_build, tmp_path_factory):
 
     b = Path(tiny_build["build_dir"])
     out = tmp_path_factory.mktemp("qdq") / "full.onnx"
-    hybrid.quantize_static_recipe(b / "model.fp32.onnx", out, targets.load("x86_64").static,
+    quantizer.quantize_static_recipe(b / "model.fp32.onnx", out, targets.load("x86_64").static,
                                   b / "calibration/ranges-minmax.json", "minmax")
     feeds = dict(np.load(b / "work/bench_inputs.npz"))
     return onnx.load(str(b / "model.fp32.onnx")), onnx.load(str(out)), feeds
@@ -129,13 +129,13 @@ def test_budgeted_search_records_curve_and_kept_nodes(tiny_bert, tmp_path, targe
 
 
 def test_max_accuracy_drop_must_be_a_fraction(tiny_bert, tmp_path):
-    from edgeq.build import resolve_config
+    from edgeq.config import resolve_config
     from edgeq.core import EdgeqError
 
     with pytest.raises(EdgeqError, match="between 0 and 1"):
         resolve_config(model=str(tiny_bert), out=str(tmp_path), max_accuracy_drop=5)
     cfg = resolve_config(model=str(tiny_bert), out=str(tmp_path), modes=("hybrid",))
-    assert cfg["max_accuracy_drop"] == 0.01 and cfg["modes"] == ["hybrid"]
+    assert cfg.max_accuracy_drop == 0.01 and list(cfg.modes) == ["hybrid"]
 
 
 def test_inspect_reports_node_precisions_and_ranking(tiny_bert, tmp_path):

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import FAST
 from edgeq.core import EdgeqError, onnx_files
-from edgeq.pipeline.export import check_model_safety, check_onnx
+from edgeq.intake import check_model_safety, check_onnx
 
 
 def edgeq(*args, cwd=None, env_extra=None, timeout=600):

@@ -35,7 +35,7 @@ def test_export_is_validated_against_pytorch(tiny_build):
 
 
 def test_check_onnx_rejects_garbage(tmp_path):
-    from edgeq.pipeline.export import check_onnx
+    from edgeq.intake import check_onnx
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
@@ -240,7 +240,7 @@ def test_arm64_static_is_s8s8(tiny_cls_build):
 def test_nodes_kept_float_rule():
     from onnx import helper
 
-    from edgeq.pipeline.quantize import nodes_kept_float
+    from edgeq.pipeline.ops.static_plan import nodes_kept_float
 
     g = helper.make_graph([
         helper.make_node("Gelu", ["x"], ["g"], name="gelu"),

@@ -103,7 +103,7 @@ def test_build_reports_classification_accuracy(tiny_bert, tmp_path):
     assert arts["fp32"]["task"]["delta_vs_fp32"] == 0
     ev = next(s for s in m["stages"] if s["stage"] == "evaluate")
     assert "logistic-regression" in ev["settings"]["task"]["how"]
-    from edgeq.build import summary_table
+    from edgeq.summary import summary_table
     assert " accuracy " in summary_table(m).splitlines()[1]
 
 
@@ -167,7 +167,7 @@ def test_hybrid_budget_on_the_task_metric(tiny_bert, tmp_path):
 
 
 def test_task_budget_needs_labels(tiny_bert, tmp_path):
-    from edgeq.build import resolve_config
+    from edgeq.config import resolve_config
 
     with pytest.raises(EdgeqError, match="needs labelled evaluation data"):
         resolve_config(model=str(tiny_bert), out=str(tmp_path), max_accuracy_drop=0.01, budget_metric="task")

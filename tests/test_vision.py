@@ -64,7 +64,7 @@ def test_static_int8_quantizes_the_convolutions(cnn_build):
 def test_first_layers_rule_keeps_deep_networks_first_convs_and_their_activations():
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.pipeline.quantize import first_layers_kept_float
+    from edgeq.pipeline.ops.static_plan import first_layers_kept_float
 
     def chain(n):
         nodes, inits, x = [], [], "x"
@@ -137,7 +137,8 @@ def test_labelled_folders_give_accuracy(tmp_path):
 
 
 def test_image_model_user_errors(tmp_path):
-    from edgeq.build import build, resolve_config
+    from edgeq.build import build
+    from edgeq.config import resolve_config
 
     photos = str(_photos(tmp_path / "p", n=2))
     with pytest.raises(EdgeqError, match="module 'no_such_pkg.mod' not found"):
@@ -166,7 +167,7 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     import onnx
     import onnxruntime as ort
 
-    from edgeq.pipeline.ops import hybrid
+    from edgeq.pipeline.ops import hybrid, quantizer
     from edgeq.targets import load
 
     d = Path(cnn_build["build_dir"])
@@ -176,7 +177,7 @@ def test_reverting_every_node_of_a_cnn_gives_back_fp32(cnn_build):
     method = cnn_build["config"]["calibration"]["method"]
     assert method == recipe.calibration == "percentile"  # the image-model default
     ranges = d / "calibration" / f"ranges-{method}.json"
-    hybrid.quantize_static_recipe(d / "model.fp32.onnx", full_path, recipe, ranges, method)
+    quantizer.quantize_static_recipe(d / "model.fp32.onnx", full_path, recipe, ranges, method)
     full = onnx.load(str(full_path))
     assert sum(n.op_type == "Clip" for n in full.graph.node) < sum(n.op_type == "Clip" for n in fp32.graph.node)
     nodes = hybrid.quantized_nodes(full, {"Conv", "Gemm", "MatMul"})
@@ -200,7 +201,7 @@ def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(
     import onnx
     import onnxruntime as ort
 
-    from edgeq.pipeline.ops import hybrid
+    from edgeq.pipeline.ops import hybrid, quantizer
     from edgeq.targets import load
 
     d = Path(cnn_build["build_dir"])
@@ -226,7 +227,7 @@ def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(
 def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
     import onnx
 
-    from edgeq.pipeline.ops.hybrid import depthwise_full_range
+    from edgeq.pipeline.ops.quantizer import depthwise_full_range
 
     fp32 = onnx.load(str(Path(cnn_build["build_dir"]) / "model.fp32.onnx"))
     overrides = depthwise_full_range(fp32)
@@ -244,7 +245,7 @@ def test_depthwise_weights_keep_8_bits_under_reduce_range(cnn_build):
 
 
 def test_task_budget_is_refused_for_image_models(tmp_path):
-    from edgeq.build import resolve_config
+    from edgeq.config import resolve_config
 
     with pytest.raises(EdgeqError, match="--budget-metric task is not supported for image models"):
         resolve_config(model="tiny_cnn:factory", out=str(tmp_path), calib=str(_photos(tmp_path / "p", n=2)),

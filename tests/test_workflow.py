@@ -32,7 +32,7 @@ def test_workflow_runs_only_the_projects_commands():
 
 
 def test_workflow_edgeq_commands_parse_and_the_config_resolves(tmp_path, monkeypatch):
-    from edgeq.build import resolve_config
+    from edgeq.config import resolve_config
     from edgeq.cli import cli
     from edgeq.config import read_config_file
 
@@ -52,4 +52,4 @@ def test_workflow_edgeq_commands_parse_and_the_config_resolves(tmp_path, monkeyp
     options["out"] = str(tmp_path)
     options["eval_path"] = options.pop("eval_path", None)
     config = resolve_config(**options)
-    assert config["name"] == "all-MiniLM-L6-v2" and config["gates"]["min_speedup"] == options["min_speedup"]
+    assert config.name == "all-MiniLM-L6-v2" and config.gates.min_speedup == options["min_speedup"]

@@ -14,7 +14,6 @@ nothing uses any more.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -32,76 +31,6 @@ FLOAT16_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Mul", "Sub", "
                "Tanh", "Softmax", "Gelu", "BiasGelu", "FastGelu", "LayerNormalization", "Transpose", "Reshape",
                "Resize", "Upsample", "Slice", "Expand", "Concat", "Squeeze", "Unsqueeze", "Pad", "MaxPool",
                "AveragePool", "GlobalAveragePool", "Clip", "HardSigmoid", "HardSwish", "Tile", "Flatten"}
-
-
-QTYPE = {"int8": "QInt8", "uint8": "QUInt8"}
-# Options every quantizer call gets. DefaultTensorType: the fused graph has contrib ops (Attention,
-# SkipLayerNormalization) whose outputs ONNX shape inference cannot type; without a default the
-# quantizer fails its type lookup. MatMulConstBOnly: only MatMuls with a constant weight;
-# activation x activation MatMuls (attention scores in unfused graphs) are the most sensitive and
-# gain little.
-QUANTIZER_OPTIONS = {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}
-_METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
-
-
-def quantize_static_recipe(src: Path, out: Path, recipe, ranges_path: Path, method: str,
-                           exclude: list[str] = ()) -> dict:
-    """onnxruntime.quantization.quantize_static with a target's static recipe and cached ranges,
-    then the recipe's bias correction from the input means the calibrate stage left beside them.
-    Returns the bias correction's counts (empty when it is off)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    extra = {**QUANTIZER_OPTIONS, "ActivationSymmetric": recipe.activation_symmetric,
-             "WeightSymmetric": recipe.weight_symmetric}
-    if recipe.reduce_range and recipe.per_channel:
-        overrides = depthwise_full_range(onnx.load(str(src), load_external_data=False))
-        if overrides:
-            extra["TensorQuantOverrides"] = overrides
-    quantize_static(
-        str(src), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges_path),
-        calibrate_method=getattr(CalibrationMethod, _METHOD[method]),
-        quant_format=getattr(QuantFormat, recipe.format), op_types_to_quantize=list(recipe.op_types),
-        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-        activation_type=getattr(QuantType, QTYPE[recipe.activation_type]),
-        weight_type=getattr(QuantType, QTYPE[recipe.weight_type]),
-        nodes_to_exclude=list(exclude), extra_options=extra,
-    )
-    stats = {}
-    from edgeq.pipeline.calibrate import means_file
-
-    means_path = means_file(Path(ranges_path))
-    if recipe.bias_correction and means_path.is_file():
-        import numpy as np
-
-        from edgeq.pipeline.ops import bias_correction
-
-        with np.load(means_path) as z:
-            means = {k: z[k] for k in z.files}
-        model = onnx.load(str(out))
-        stats = bias_correction.correct(model, onnx.load(str(src)), means)
-        onnx.save(model, str(out))
-    onnx.checker.check_model(str(out))
-    return stats
-
-
-def depthwise_full_range(model) -> dict:
-    """TensorQuantOverrides giving depthwise Conv weights the full 8-bit range under reduce_range.
-
-    reduce_range (7-bit weights) exists for the x86 GEMM kernels without VNNI, whose u8 x s8 pair
-    sums saturate int16; depthwise convolutions run a direct kernel without that problem, and their
-    few weights per channel are the ones 7 bits hurt most (EfficientNet-Lite0: weight-only top-1
-    agreement 85% -> 62%). "axis" must be repeated, or the override silently makes the weight
-    per-tensor."""
-    inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for n in model.graph.node:
-        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
-        dims = inits[n.input[1]].dims
-        if group > 1 and len(dims) == 4 and dims[1] == 1 and dims[0] == group:
-            out[n.input[1]] = [{"axis": 0, "reduce_range": False}]
-    return out
 
 
 def _producers(model) -> dict[str, onnx.NodeProto]:

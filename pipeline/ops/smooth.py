@@ -166,33 +166,9 @@ def _fold(model, absmax: dict[str, np.ndarray], alpha: float, todo: dict[str, st
     return done
 
 
-def wanted(config: dict, target) -> bool:
-    """Whether this build smooths anything: the target's [dynamic] smooth_alpha is on and a dynamic
-    artifact, or a static one with the dynamic fallback, is built; or static smoothing is on. A
-    causal LM has only the dynamic artifact to smooth (int4 is weight-only)."""
-    modes = set(config["modes"])
-    if config.get("family") == "causal-lm":
-        return target.dynamic.smooth_alpha > 0 and "dynamic" in modes
-    static = target.static_for(config.get("family"))
-    dynamic = target.dynamic.smooth_alpha > 0 and (
-        "dynamic" in modes or ("static" in modes and static.fallback == "dynamic"))
-    return dynamic or static_wanted(config, target)
-
-
-def static_wanted(config: dict, target) -> bool:
-    """Whether the static artifact's own int8 nodes are smoothed ([static] smooth_alpha)."""
-    return (config.get("family") != "causal-lm" and "static" in config["modes"]
-            and target.static_for(config.get("family")).smooth_alpha > 0)
-
-
 def smoothed_input(node: str) -> str:
     """The tensor `smooth` feeds a smoothed node: the calibrate stage measures its range."""
     return f"{node}_smoothed_input"
-
-
-def absmax_file(ranges_path):
-    """Where the calibrate stage leaves the per-channel |max| (keyed by node name) beside the ranges."""
-    return ranges_path.with_suffix(".absmax.npz")
 
 
 def save_npz(path, arrays: dict[str, np.ndarray]) -> None:

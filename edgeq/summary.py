@@ -1,0 +1,63 @@
+"""What `edgeq build` prints: the table of artifacts, and the `--json` object (its contract is in
+the README)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeq.core import Files
+
+
+def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The `--json` contract (documented in README): artifacts with path, sha256, size and metrics."""
+    build_dir = Path(manifest["build_dir"])
+    files = {f["path"]: f for f in manifest["files"]}
+    arts = []
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+        arts.append({
+            "name": a["name"], "path": str(build_dir / a["path"]), "sha256": files[a["path"]]["sha256"],
+            "size_bytes": files[a["path"]]["size_bytes"], "precision": a["precision"],
+            "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement", "task",
+                                              "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+                                              "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
+                                              "size_vs_fp32") if k in m},
+        })
+    bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
+    return {"model": manifest["model"]["name"], "target": manifest["target"]["name"],
+            "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
+            "build_seconds": manifest["build_seconds"], "artifacts": arts,
+            "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", []),
+            **({"gates": {k: manifest["gates"][k] for k in ("passed", "passing", "limits", "failed")}}
+               if manifest.get("gates") else {})}
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    task = next((a["metrics"]["task"]["metric"] for a in manifest["artifacts"] if "task" in a["metrics"]), None)
+    lm = any("decode_tokens_per_s" in a["metrics"] for a in manifest["artifacts"])
+    cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"]) and not lm
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
+             *((task,) if task else ()),
+             *(("tok/s",) if lm else ()),
+             "prefill ms" if lm else "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+
+        def f(k, fmt):
+            return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
+        t = (f("top1_agreement", ".1%"),) if cls else ()
+        t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
+        t += (f("decode_tokens_per_s", ".1f"),) if lm else ()
+        rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
+                     f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
+                     f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
+                     f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
+            f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
+    bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
+    eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
+    notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
+    return "\n".join([head, *lines, *eps, *notes])
