@@ -48,9 +48,9 @@ def run(ctx: BuildContext) -> StageResult:
     settings: dict = {}
     outputs: list[str] = []
     metrics: dict = {}
-    for mode, fn in (("fp16", _fp16), ("hybrid", _hybrid)):
+    for mode, make in MODES.items():
         if mode in ctx.config.modes:
-            settings[mode], metrics[mode] = fn(ctx)
+            settings[mode], metrics[mode] = make(ctx)  # each adds its artifact to ctx.artifacts
             outputs.append(ctx.artifacts[-1].path)
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
@@ -195,3 +195,7 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         if s is not chosen:
             s["path"].unlink()
     return settings, {"sensitivity": sensitivity, "curve": curve, "chosen_step": chosen["step"], "kept": kept}
+
+
+# mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
+MODES = {"fp16": _fp16, "hybrid": _hybrid}

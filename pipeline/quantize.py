@@ -18,24 +18,15 @@ from edgeq.pipeline.ops.static_plan import static_plan
 
 
 def run(ctx: BuildContext) -> StageResult:
-    modes = ctx.config.modes
     settings: dict = {}
     outputs: list[str] = []
     metrics: dict = {}
     # ORT's quantizer logs a pre-processing hint at WARNING even for pre-processed models in some cases
     logging.getLogger().setLevel(logging.ERROR)
-    if "static" in modes:
-        s, m = _static(ctx)
-        settings["static"], metrics["static"] = s, m
-        outputs.append(Files.model("int8-static"))
-    if "dynamic" in modes:
-        s, m = _dynamic(ctx)
-        settings["dynamic"], metrics["dynamic"] = s, m
-        outputs.append(Files.model("int8-dynamic"))
-    if "int4" in modes:
-        s, m = _int4(ctx)
-        settings["int4"], metrics["int4"] = s, m
-        outputs.append(Files.model("int4"))
+    for mode, make in MODES.items():
+        if mode in ctx.config.modes:
+            settings[mode], metrics[mode] = make(ctx)  # each adds its artifact to ctx.artifacts
+            outputs.append(ctx.artifacts[-1].path)
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
 
@@ -160,3 +151,7 @@ def _smooth(ctx: BuildContext, model, nodes: set[str] | None, fold: bool = False
     if not path or not Path(path).is_file():
         return None
     return smooth.smooth(model, smooth.load_absmax(path), ctx.target.dynamic.smooth_alpha, nodes, fold=fold)
+
+
+# mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
+MODES = {"static": _static, "dynamic": _dynamic, "int4": _int4}
