@@ -45,7 +45,8 @@ def child(build_dir: Path, data: Path, n: int, method: str) -> dict:
     from transformers import AutoTokenizer
 
     from edgeq import targets
-    from edgeq.core import BuildContext
+    from edgeq.config import Benchmark, BuildConfig, Calibration, Evaluation, Fp16Options, Gates
+    from edgeq.core import BuildContext, ModelFacts
     from edgeq.pipeline import calibrate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,13 +55,17 @@ def child(build_dir: Path, data: Path, n: int, method: str) -> dict:
         import onnx
 
         inputs = [i.name for i in onnx.load(str(build_dir / "model.fp32.onnx"), load_external_data=False).graph.input]
-        ctx = BuildContext(
-            config={"calibration": {"path": str(data), "method": method, "samples": n, "batch_size": 16,
-                                    "text_field": "text", "percentile": 99.999},
-                    "max_length": 128, "out": str(work / "out"), "evaluation": {"path": str(data)}},
-            target=targets.load("x86_64"), build_dir=work, model_name="bench", model_kind="onnx",
-            model_path=build_dir / "model.fp32.onnx", log=lambda m: None)
-        ctx.facts.update(tokenizer=AutoTokenizer.from_pretrained(str(build_dir / "tokenizer")), input_names=inputs)
+        cfg = BuildConfig(
+            model=str(build_dir / "model.fp32.onnx"), model_kind="onnx", family="encoder", name="bench",
+            target="x86_64", target_profile="x86_64", modes=("static",), task="feature-extraction", tokenizer=None,
+            max_length=128, max_accuracy_drop=None, budget_metric="cosine", fp16=Fp16Options(True, []),
+            calibration=Calibration(path=str(data), method=method, samples=n),
+            evaluation=Evaluation(path=str(data), samples=None),
+            benchmark=Benchmark(batch_size=1, seq_len=128, runs=1, warmup=0, threads=0),
+            gates=Gates(None, None, None), out=str(work / "out"))
+        ctx = BuildContext(config=cfg, target=targets.load("x86_64"), build_dir=work, log=lambda m: None,
+                           tokenizer=AutoTokenizer.from_pretrained(str(build_dir / "tokenizer")),
+                           model=ModelFacts(input_names=inputs))
         before = _status_mb("VmRSS")
         t0 = time.perf_counter()
         result = calibrate.run(ctx)

@@ -22,7 +22,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import save_tensors_data
 from transformers import AutoTokenizer
 
-from edgeq.calib import TextFeeds, default_calibration_path, default_eval_path, mask_of, model_feeds, read_texts
+from edgeq.calib import TextFeeds, default_calibration_path, default_eval_path, read_texts
 from edgeq.measure import measure
 from edgeq.pipeline.calibrate import RangeCollector, tensors_to_calibrate
 from edgeq.metrics import pooled
@@ -39,7 +39,7 @@ def ranges(model_path: Path, feeds, op_types, method: str, percentile: float = 9
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     c = RangeCollector(method, percentile=percentile)
     for f in feeds:
-        for n, v in zip(names, sess.run(names, model_feeds(f))):
+        for n, v in zip(names, sess.run(names, f.feeds)):
             c.add(n, v)
     return c.result()
 
@@ -68,7 +68,7 @@ def main() -> None:
     inputs = [i.name for i in onnx.load(str(fp32), load_external_data=False).graph.input]
     tf = TextFeeds(tok, inputs)
     calib = list(tf.batches(read_texts(default_calibration_path(), limit=args.calib_samples), 16))
-    held_out = [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in read_texts(default_eval_path(), what="eval"))]
+    held_out = [tf([t]) for t in read_texts(default_eval_path(), what="eval")]
     ref = embed(fp32, held_out)
     model = onnx.load(str(fp32), load_external_data=False)
     after_gelu = [k["node"] for k in nodes_kept_float(model, {"MatMul"}, {"Gelu", "BiasGelu", "FastGelu"})]

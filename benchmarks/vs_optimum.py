@@ -257,14 +257,14 @@ def optimum_preset(name: str, export_dir: Path, out: Path, calib: dict[str, Cali
 def eval_samples(tok, calib_texts: list[str], eval_path: Path, n: int, input_names: list[str], text_field: str,
                  max_length: int):
     """The held-out samples the build evaluates on: calibration texts dropped, the first n, one at a time."""
-    from edgeq.calib import TextFeeds, mask_of, model_feeds, read_eval_set
+    from edgeq.calib import TextFeeds, read_eval_set
 
     evalset = read_eval_set(eval_path, limit=n + len(calib_texts), text_field=text_field).without(set(calib_texts))
     texts = evalset.texts[:n]
     if not texts:
         raise BenchError(f"evaluation file {eval_path} has no samples that are not calibration samples")
     tf = TextFeeds(tok, input_names, max_length)
-    return [(model_feeds(f), mask_of(f)) for f in (tf([t]) for t in texts)]
+    return [tf([t]) for t in texts]
 
 
 def embed(path: str, samples) -> np.ndarray:
@@ -301,13 +301,13 @@ def torch_reference(model_dir: Path, task: str, samples, input_names: list[str])
 
 
 def bench_inputs(tok, eval_path: Path, seq_len: int, path: Path, text_field: str) -> Path:
-    """What the build benchmarks on (pipeline/measure.bench_inputs): seq_len real tokens of held-out
+    """What the build benchmarks on (calib/source.py, TextData.bench_inputs): seq_len real tokens of held-out
     text, batch 1, with every input either tool's models take."""
-    from edgeq.calib import TextFeeds, model_feeds, read_eval_set
+    from edgeq.calib import TextFeeds, read_eval_set
 
     text = " ".join(read_eval_set(eval_path, limit=200, text_field=text_field).texts)
     tf = TextFeeds(tok, ["input_ids", "attention_mask", "token_type_ids"], seq_len)
-    feeds = model_feeds(tf([text], pad_to=seq_len))
+    feeds = tf([text], pad_to=seq_len).feeds
     np.savez(path, **feeds)
     return path
 

@@ -338,8 +338,7 @@ def test_cross_arch_benchmarks_are_labelled(tiny_build, tiny_cls_build):
 def test_progress_counter_only_on_a_terminal(capsys):
     from edgeq.core import BuildContext
 
-    ctx = BuildContext(config={}, target=None, build_dir=Path("."), model_name="m", model_kind="hf",
-                       model_path=Path("."))
+    ctx = BuildContext(config=None, target=None, build_dir=Path("."))
     assert list(ctx.track(iter(range(3)), 3, "x")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
     ctx.progress = True

@@ -201,7 +201,7 @@ def test_reverting_a_node_whose_producer_stays_int8_keeps_the_folded_activation(
     import onnx
     import onnxruntime as ort
 
-    from edgeq.pipeline.ops import hybrid, quantizer
+    from edgeq.pipeline.ops import hybrid
     from edgeq.targets import load
 
     d = Path(cnn_build["build_dir"])
