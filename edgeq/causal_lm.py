@@ -23,7 +23,7 @@ GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):")
 
 def hf_dir_from_gguf(gguf: Path, cache_root: Path, log) -> tuple[Path, str]:
     """A Hugging Face folder (fp32 safetensors, config, tokenizer) converted from a GGUF file, cached
-    under `cache_root/<sha256 prefix>` because the conversion takes ~30 s and the export reads it.
+    under `cache_root/<sha256 prefix>` because the conversion is slow and the export reads it.
 
     Why not `from_pretrained(gguf_file=...)` alone: in transformers 4.57 it requires `accelerate`
     for GGUF (a dependency we don't otherwise need); the same conversion is done here with

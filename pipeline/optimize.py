@@ -108,9 +108,9 @@ def run(ctx: BuildContext) -> StageResult:
             else f"model type {ctx.model.hf_config.get('model_type')!r}"))
         fused = src
     # Image models get ONNX Runtime's basic (EP-independent) optimizations saved into the graph:
-    # constant folding turns TF-style "same" padding (Shape/Slice/Pad chains computed at run time,
-    # 17 of them in EfficientNet-Lite0) into Conv pads. Left in, each chain sits between a
-    # DequantizeLinear and a QuantizeLinear and static int8 ran 0.90x fp32; folded, 1.5x.
+    # constant folding turns TF-style "same" padding (Shape/Slice/Pad chains computed at run time)
+    # into Conv pads. Left in, each chain sits between a DequantizeLinear and a QuantizeLinear, and
+    # static int8 ran slower than fp32 (measured in the README, "Fold the padding into the convolutions").
     skip_opt = ctx.family != "vision"
     if not skip_opt:
         notes.append("onnxruntime basic graph optimizations applied (constant folding, Pad fused into Conv)")

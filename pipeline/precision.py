@@ -89,8 +89,9 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     work.mkdir(parents=True, exist_ok=True)
     full_path = work / "full-int8.onnx"
     # The recipe's first layers (keep_float_first, image models) start in float, as in int8-static:
-    # a structural rule measured once, not re-derived from a noisy per-node ranking (from all-int8
-    # the search on EfficientNet-Lite0 kept 20+ convs float and ran slower than fp32).
+    # a structural rule measured once, not re-derived from a noisy per-node ranking (started from
+    # all-int8, the search keeps many convs float and can end slower than fp32; see the README,
+    # "Image models from a PyTorch factory").
     first = [k["node"] for k in first_layers_kept_float(onnx.load(str(ctx.path(Files.FP32)), load_external_data=False),
                                                          op_types, r.keep_float_first)]
     quantize_static_recipe(ctx.path(Files.FP32), full_path, r, cal.ranges_path, cal.method, exclude=first,

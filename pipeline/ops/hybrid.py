@@ -70,7 +70,7 @@ def revert(qdq_model, fp32_model, names, op_types, fp16: bool = False):
         # pair, every consumer reads the float tensor again and the pair is pruned -- unless a
         # still-quantized node produces the tensor: its real output is the quantized one, and
         # when the quantizer folded a Clip/Relu into that Q's range, the float tensor is the
-        # un-clipped value (EfficientNet: reverting one depthwise conv took cosine to 0.03).
+        # un-clipped value, and reading it wrecks the output (measured in the README, "Hybrid precision").
         for t in list(orig.input) + list(node.output):
             from_quantized = t in producer and producer[t].name in still_quantized
             for q in [c for c in consumers.get(t, []) if c.op_type == "QuantizeLinear"]:

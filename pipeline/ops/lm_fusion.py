@@ -3,21 +3,23 @@
 optimum's export of a Llama-family decoder ("text-generation-with-past") spells attention out op by
 op: per layer the rotary embedding of Q and K, the key/value cache concatenation, repeat_kv for the
 grouped key/value heads, a 4-D causal mask built from the attention mask, and the shape arithmetic
-that all of this needs at run time. For SmolLM2-135M that is 7,425 nodes, and a one-token decode
-step runs about 3,150 kernels, most of them Shape/Gather/Unsqueeze/Concat on tiny tensors: their
-dispatch, not the weights, bounds decode speed, the more so once int4 makes the MatMuls cheap.
+that all of this needs at run time. Even a small model's graph then has thousands of nodes, and a
+one-token decode step runs thousands of kernels, most of them Shape/Gather/Unsqueeze/Concat on tiny
+tensors: their dispatch, not the weights, bounds decode speed, the more so once int4 makes the
+MatMuls cheap (counted in the README, "Where decode time went").
 
 `GroupQueryAttention` (com.microsoft, CPU and CUDA) does all of it in one kernel per layer: Q, K, V
 straight from their projections (BSH), rotary from cos/sin tables, the cache appended in BNSH, the
 grouped heads and the causal mask inside. Here each layer's q/k/v projections become one MatMul
 (their weights side by side) whose packed QKV output one such node reads; its output goes into
 o_proj, its present outputs become the graph's present.<i>.key/value, and everything the old
-attention used and nothing else does is dropped: 7,425 -> 1,131 nodes.
+attention used and nothing else does is dropped, most of the graph's nodes with it (counted in
+the README).
 
 Why by hand: onnxruntime.transformers' optimizer has no pattern for this export (its `qwen3` model
-type fuses the RMSNorms and the rotary but not the attention, and the decode step got slower:
-33 vs 26 ms/token on SmolLM2), and onnxruntime-genai's model builder, which writes such graphs,
-needs a newer transformers than optimum's export runs with here. The fusion is matched by the
+type fuses the RMSNorms and the rotary but not the attention, and the decode step got slower; see
+the README), and onnxruntime-genai's model builder, which writes such graphs, needs a newer
+transformers than optimum's export runs with here. The fusion is matched by the
 exporter's node names (`/model/layers.<i>/self_attn/{q,k,v,o}_proj/MatMul`, the module paths
 torch.onnx records) and the Hugging Face config; the optimize stage then checks the fused graph
 against the exported one on logits and cache and keeps the exported graph if they differ.
@@ -129,10 +131,10 @@ def fuse_group_query_attention(model, hf_config: dict) -> int:
 def _packed_qkv(prefix: str, projections, weights):
     """(MatMul, its weight) computing q, k and v side by side when the three projections read the
     same activation with constant 2-D weights, else None. GroupQueryAttention takes such a packed
-    QKV as its query (key and value left empty). One MatMul instead of three per layer: SmolLM2
-    decode 8.40 -> 7.79 ms/token int4, 22.8 -> 21.6 fp32 (interleaved, each in its own process);
-    the columns are the same, so per-column quantization (int4 blocks, per-channel int8) sees the
-    same weights."""
+    QKV as its query (key and value left empty). One MatMul instead of three per layer: fewer
+    kernels per decode step, and dynamic int8 quantizes the activation once, not three times (the
+    effect on decode speed is measured in the README, "Where decode time went"); the columns are
+    the same, so per-column quantization (int4 blocks, per-channel int8) sees the same weights."""
     from onnx import helper, numpy_helper
 
     if len({n.input[0] for n in projections}) != 1:

@@ -71,8 +71,8 @@ def depthwise_full_range(model) -> dict:
 
     reduce_range (7-bit weights) exists for the x86 GEMM kernels without VNNI, whose u8 x s8 pair
     sums saturate int16; depthwise convolutions run a direct kernel without that problem, and their
-    few weights per channel are the ones 7 bits hurt most (EfficientNet-Lite0: weight-only top-1
-    agreement 85% -> 62%). "axis" must be repeated, or the override silently makes the weight
+    few weights per channel are the ones 7 bits hurt most (measured in the README, "Depthwise
+    weights on 8 bits"). "axis" must be repeated, or the override silently makes the weight
     per-tensor."""
     inits = {i.name: i for i in model.graph.initializer}
     out = {}

@@ -1,23 +1,24 @@
 """SmoothQuant (Xiao et al., "SmoothQuant", ICML 2023) for int8 with one activation scale per tensor.
 
-A transformer's activations have a few outlier channels: on all-MiniLM-L6-v2 one channel of each
-FFN's GELU output reaches 25 where the median channel stays under 1.5 (the LayerNorm outputs have
-such channels too). One scale per tensor -- computed per inference by dynamic int8, calibrated by
-static -- must cover the outlier, which leaves a few steps of the 256 for every other channel. The
-MatMul is linear in each input channel, so each channel j can be divided by s_j before the MatMul
-and row j of the weight multiplied by s_j: X W = (X diag(1/s)) (diag(s) W), exact in float. With
+A transformer's activations have a few outlier channels: one channel of an FFN's GELU output can
+reach many times the median channel's range (the LayerNorm outputs have such channels too; measured
+in the README, "SmoothQuant"). One scale per tensor -- computed per inference by dynamic int8,
+calibrated by static -- must cover the outlier, which leaves a few steps of the 256 for every other
+channel. The MatMul is linear in each input channel, so each channel j can be divided by s_j before
+the MatMul and row j of the weight multiplied by s_j: X W = (X diag(1/s)) (diag(s) W), exact in
+float. With
 
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 
 (max|X_j| measured per channel on the calibration data) the activation's outliers move into the
-weight, whose scales are per output channel and take them far better. Measured on MiniLM, dynamic
-int8: cosine vs fp32 0.9919 -> 0.9966 at alpha 0.75 (0.9959 at 0.65, 0.9961 at 0.85, 0.9874 at 0.5,
-where the weights get too much), with the same speed.
+weight, whose scales are per output channel and take them far better. alpha sets how much of the
+range moves: too little leaves the activation's outliers, too much overloads the weight (the alphas
+measured, with dynamic int8's fidelity and speed, are in the README, "SmoothQuant").
 
 The division is a Mul node in front of each smoothed node (one elementwise pass over the activation,
-about 1/100 of the MatMul's time at 128 x 384); SmoothQuant's paper folds it into the preceding
-LayerNorm instead, which is not valid here: in a post-LN BERT the LayerNorm's output also feeds the
-residual sum, which must see the unscaled values.
+cheap next to the MatMul; its cost is measured in the README); SmoothQuant's paper folds it into
+the preceding LayerNorm instead, which is not valid here: in a post-LN BERT the LayerNorm's output
+also feeds the residual sum, which must see the unscaled values.
 
 Why by hand: onnxruntime.quantization's `SmoothQuant` extra option runs Intel Neural Compressor's
 implementation (a heavy dependency, for static quantization only) and it cannot smooth the nodes
@@ -118,9 +119,9 @@ def _fold(model, absmax: dict[str, np.ndarray], alpha: float, todo: dict[str, st
     `Mul(Y, c)` with a per-channel constant c, and only smoothed nodes read X (a
     pre-norm decoder's RMSNorm scale: its output feeds q/k/v and gate/up, never the residual). Then
     c / s replaces the `Mul` that dividing X by s would add, and every reader of X shares one s,
-    from the largest |W| row over all their weights. On SmolLM2-135M that is 91 of the 151 smoothed
-    MatMuls (q/k/v, gate/up, lm_head); the dynamic int8 decode step then runs no extra kernel for
-    them. Returns the folded nodes' names."""
+    from the largest |W| row over all their weights. In a pre-norm decoder that covers most of the
+    smoothed MatMuls (q/k/v, gate/up, lm_head; counted in the README, "Causal language models"); the
+    dynamic int8 decode step then runs no extra kernel for them. Returns the folded nodes' names."""
     from onnx import numpy_helper
 
     readers: dict[str, list] = {}

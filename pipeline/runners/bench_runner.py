@@ -240,8 +240,8 @@ def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
     while len(prefill[0]) < runs and time.perf_counter() < deadline:
         for i, lm in enumerate(models):
             # untimed prefills after each switch, as for the other models: the previous session's
-            # idle threads keep spinning for a while (measured: SmolLM2 fp32 prefill 234 ms timed
-            # right after a switch, 125 ms in a process of its own)
+            # idle threads keep spinning for a while and would slow the first timed run of the next
+            # model (measured in the README, "Causal language models")
             for _ in range(settle):
                 lm.forward(ids, lm.empty_past(ids.shape[0]), 0)
             _, p, st = lm.generate(ids, new)
