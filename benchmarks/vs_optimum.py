@@ -12,7 +12,7 @@ threads, measured in one run.
    timed.
 3. Every artifact, both tools' fp32 included, against one fp32 reference: fidelity on the same
    held-out text (mean-pooled outputs, cosine, mean and worst; samples that are also calibration
-   samples dropped, as the build does), latency with edgeq's runner (pipeline/bench_runner.py):
+   samples dropped, as the build does), latency with edgeq's runner (pipeline/runners/bench_runner.py):
    all models interleaved in one process, batch 1, 128 real tokens, the same thread count.
    Speedups are against edgeq's fp32 artifact from that same interleaved run.
 4. A table, the best artifact of each tool at cosine >= 0.995 and >= 0.99 with the latency ratio
@@ -616,7 +616,7 @@ def compare(args) -> dict:
                 "reference": "edgeq fp32 artifact" if args.reference == "edgeq-fp32" else "PyTorch fp32 model",
                 "latency_reference": rows[0]["name"], "eval_samples": len(samples), "calib_samples": len(calib_texts),
                 "method": "latency: every model interleaved in rounds of 10 runs in one process "
-                          "(edgeq's pipeline/bench_runner.py); fidelity: mean-pooled output per held-out text, "
+                          "(edgeq's pipeline/runners/bench_runner.py); fidelity: mean-pooled output per held-out text, "
                           "one text at a time, cosine vs the reference",
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores", "presets": presets,
                 "work": str(work) + (" (temporary, deleted)" if getattr(args, "work_is_temp", False) else "")}

@@ -26,7 +26,7 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
     """Latency of all models interleaved in one process; load time, peak RSS, the provider's
     partition of the graph and a per-operator time profile for each in its own. Returns
     'unavailable: <reason>' when the provider cannot run here."""
-    run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (pipeline/remote.py)
+    run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (edgeq/commands/remote.py)
     base = {"inputs": str(inputs), "provider": provider, "threads": threads}
     if new_tokens:  # causal LM: each run is a generation (prefill + decode steps with the cache)
         base["new_tokens"] = new_tokens

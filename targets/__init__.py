@@ -37,7 +37,7 @@ class StaticRecipe:
     op_types: tuple[str, ...] = ("MatMul",)
     keep_float_after: tuple[str, ...] = ()
     calibration: str = "minmax"
-    # b <- b - dW.E[x] for Conv/Gemm biases after quantization (pipeline/bias_correction.py)
+    # b <- b - dW.E[x] for Conv/Gemm biases after quantization (pipeline/ops/bias_correction.py)
     bias_correction: bool = False
     # The first N Conv/Gemm/MatMul nodes (graph order), with the activation each feeds, stay float
     keep_float_first: int = 0
@@ -46,7 +46,7 @@ class StaticRecipe:
     # op types QDQ cannot express (ORT's fused Attention). Only for EPs that run ORT's dynamic
     # int8 kernels (the CPU EP); NPUs and GPU EPs would run them on the CPU.
     fallback: str = "float"
-    # SmoothQuant (pipeline/smooth.py) on the statically quantized nodes too, 0 = off: the calibrate
+    # SmoothQuant (pipeline/ops/smooth.py) on the statically quantized nodes too, 0 = off: the calibrate
     # stage then measures the smoothed activations' ranges in a second pass.
     smooth_alpha: float = 0.0
 
@@ -73,7 +73,7 @@ class DynamicRecipe:
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul",)
-    # SmoothQuant's migration strength (pipeline/smooth.py); 0 = off. Needs a calibration pass
+    # SmoothQuant's migration strength (pipeline/ops/smooth.py); 0 = off. Needs a calibration pass
     # (per-channel |max| of the smoothed activations), so dynamic builds then calibrate too.
     smooth_alpha: float = 0.0
 

@@ -1,4 +1,4 @@
-"""Bias correction (pipeline/bias_correction.py): the output shift dW.E[x] it removes is the one the
+"""Bias correction (pipeline/ops/bias_correction.py): the output shift dW.E[x] it removes is the one the
 convolution or matrix product really produces, and the quantized model's biases absorb it."""
 import numpy as np
 import onnx

@@ -1,4 +1,4 @@
-"""SmoothQuant (pipeline/smooth.py): exact in float, and it shrinks the per-tensor range that int8
+"""SmoothQuant (pipeline/ops/smooth.py): exact in float, and it shrinks the per-tensor range that int8
 activation scales must cover."""
 import numpy as np
 import onnx
