@@ -158,6 +158,7 @@ class BuildConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     export_atol: float = 1e-3
+    target_reason: str | None = None  # why this target, when --target was not given (intake.host_target)
     options: dict[str, Any] = field(default_factory=dict)  # every option's effective value (edgeq.toml)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,8 @@ class BuildConfig:
             bench.pop("new_tokens")
         return {
             "model": self.model, "model_kind": self.model_kind, "family": self.family, "name": self.name,
-            "target": self.target, "target_profile": self.target_profile, "modes": list(self.modes),
+            "target": self.target, "target_profile": self.target_profile,
+            **({"target_reason": self.target_reason} if self.target_reason else {}), "modes": list(self.modes),
             "task": self.task, "tokenizer": self.tokenizer, "max_length": self.max_length,
             "export_atol": self.export_atol, "max_accuracy_drop": self.max_accuracy_drop,
             "budget_metric": self.budget_metric, "fp16": asdict(self.fp16), "calibration": asdict(self.calibration),
@@ -223,7 +225,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     else:
         model_path = Path(model).expanduser().resolve()
         kind = intake.model_kind(model_path)
-    tname = target or intake.host_target()
+    tname, target_reason = (target, None) if target else intake.host_target()
     if tname.endswith(".toml"):
         tname = str(Path(tname).expanduser().resolve())
     profile = targets.load(tname)
@@ -326,7 +328,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                       eval_is_calibration_folder=eval_file == calib_file) if family == "vision" else None,
         int4=(int4 or Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True))
         if "int4" in modes else None,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, target_reason=target_reason,
         options={
             "model": given_model if given_model is None else str(model_path) if kind != "module" else model,
             "target": tname,
@@ -350,8 +352,9 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
 # Each is also a key of edgeq.toml, named like its long option with underscores (`eval` for --eval).
 BUILD_OPTIONS = [
     click.argument("model", required=False),
-    click.option("--target", "-t", help="Target profile (see `edgeq targets`) or a profile .toml; default: this "
-                                        "machine's CPU."),
+    click.option("--target", "-t", help="Target profile (see `edgeq targets`) or a profile .toml; default: "
+                                        "from this CPU's features (x86_64-vnni with VNNI/AMX, x86_64, arm64), "
+                                        "or $EDGEQ_TARGET."),
     click.option("--mode", "-m", "modes", multiple=True,
                  help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
                       "dynamic and int4 for a causal LM)."),

