@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from edgeq import __version__, checkpoint
 from edgeq.core import (
-    MANIFEST_SCHEMA, BuildContext, EdgeqError, Interrupted, StageResult, artifact_dict, library_versions, machine_info,
+    MANIFEST_SCHEMA, BuildContext, EdgeqError, Files, Interrupted, StageResult, artifact_dict, library_versions, machine_info,
     write_manifest,
 )
 from edgeq.gates import check_gates
@@ -46,6 +46,7 @@ def build(config, log: Callable[[str], None] | None = None, fresh: bool = False)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         with build_lock(final):
+            _recover_handover(final)
             _remove_abandoned(final)
             return _build_locked(config, final, partial, log, fresh)
     finally:
@@ -156,6 +157,24 @@ def build_lock(final: Path):
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def _recover_handover(final: Path) -> None:
+    """A build killed between the two renames of its hand-over (`_publish`) leaves no build at
+    `final`: its finished build is still the partial directory (complete: a manifest, no
+    checkpoints) and the previous one sits under an .old name. Put the finished one in place, or
+    else the previous one back, so that a kill never leaves neither."""
+    if final.exists():
+        return
+    partial = final.parent / f".{final.name}.partial"
+    if (partial / Files.MANIFEST).is_file() and not (partial / checkpoint.CHECKPOINTS).exists():
+        os.replace(partial, final)
+        return
+    olds = sorted(p for p in final.parent.glob(f".{final.name}.old-{_HOST}-*")
+                  if p.name.rsplit("-", 1)[-1].isdigit() and not _alive(int(p.name.rsplit("-", 1)[-1]))
+                  and (p / Files.MANIFEST).is_file())
+    if olds:
+        os.replace(olds[-1], final)
 
 
 def _remove_abandoned(final: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,3 +359,29 @@ def test_report_command_writes_html_and_markdown(two_builds, tmp_path):
     assert "](report-plots/" in md
     assert "no edgeq build in" in one_line_error(edgeq("report", tmp_path / "rep"))  # a folder without builds
     assert one_line_error(edgeq("report", tmp_path / "missing")).startswith("edgeq: error:")
+
+
+def test_a_kill_between_the_handover_renames_never_leaves_neither_build(tiny_build, tmp_path):
+    """Killed after the old build was moved aside and before the new one was moved in: the next
+    build's start puts the finished new build in place, or else the old one back."""
+    from edgeq.build import _HOST, _recover_handover
+    from edgeq.core import load_manifest
+
+    src = Path(tiny_build["build_dir"])
+    for finished in (True, False):
+        root = tmp_path / ("new" if finished else "old") / "tiny-bert"
+        final = root / "x86_64"
+        old = root / f".x86_64.old-{_HOST}-999999"  # a dead process's
+        shutil.copytree(src, old)
+        if finished:
+            shutil.copytree(src, root / ".x86_64.partial")
+            (root / ".x86_64.partial" / "marker").write_text("new")
+        _recover_handover(final)
+        assert (final / "manifest.json").is_file()
+        assert (final / "marker").is_file() == finished
+        assert load_manifest(final)["model"]["name"] == "tiny-bert"
+    # a partial that never finished (checkpoints, no manifest) is not mistaken for a build
+    root = tmp_path / "unfinished" / "tiny-bert"
+    (root / ".x86_64.partial" / ".checkpoints").mkdir(parents=True)
+    _recover_handover(root / "x86_64")
+    assert not (root / "x86_64").exists()
