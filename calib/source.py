@@ -108,19 +108,29 @@ class TextData(_Source):
         tf = self._feeds(self.config.max_length)
         return [tf([t]) for t in samples[:n]]
 
-    def evaluation(self, exclude: set[str]) -> tuple[list[Sample], int, EvalSet | None]:
+    def calibration_texts(self) -> set[str]:
+        """The calibration texts (none when the calibration data is tensors)."""
+        cal = self.config.calibration
+        if Path(cal.path).suffix.lower() == ".npz":
+            return set()
+        return set(read_texts(Path(cal.path), limit=cal.samples, text_field=cal.text_field))
+
+    def evaluation(self) -> tuple[list[Sample], int, EvalSet | None]:
         """(samples, how many were left out as calibration samples, the labelled set or None).
-        Text samples in `exclude` (the calibration texts) are never evaluated on."""
+        Never a calibration sample, whatever the modes (a dynamic build's smoothing calibrates on
+        them too): text in the calibration file is left out, and a .npz serving both keeps its
+        last quarter for evaluation."""
         cfg = self.config.evaluation
         path = Path(cfg.path)
         if path.suffix.lower() == ".npz":
             arrays = read_npz(path, self.model.input_names, what="evaluation", specs=self.model.input_specs)
             n = _rows(arrays)
-            shared = self.config.calibration.path == str(path) and "static" in self.config.modes
+            shared = self.config.calibration.path == str(path)
             held = range(n)[npz_calibration_share(n, shared)[1]]
             removed = n - len(held)  # the samples calibration used
             return [Sample({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg.samples]], removed, None
         self._need_tokenizer("evaluation")
+        exclude = self.calibration_texts()
         n = eval_count(cfg.samples, path)
         full = read_eval_set(path, limit=None if n is None else n + len(exclude),
                              text_field=self.config.calibration.text_field)
@@ -132,11 +142,11 @@ class TextData(_Source):
         tf = self._feeds(self.config.max_length)
         return [tf([t]) for t in evalset.texts], sum(t in exclude for t in full.texts), evalset
 
-    def task_selection(self, exclude: set[str]) -> tuple[EvalSet, list[Sample]]:
-        """The even-indexed half of the labelled evaluation set (minus `exclude`) and its samples:
-        what the hybrid search scores a task-metric budget on."""
+    def task_selection(self) -> tuple[EvalSet, list[Sample]]:
+        """The even-indexed half of the labelled evaluation set (minus the calibration texts) and its
+        samples: what the hybrid search scores a task-metric budget on."""
         path = Path(self.config.evaluation.path)
-        evalset = read_eval_set(path, text_field=self.config.calibration.text_field).without(exclude)
+        evalset = read_eval_set(path, text_field=self.config.calibration.text_field).without(self.calibration_texts())
         if evalset.kind == "text":
             raise EdgeqError(f"--budget-metric task needs labelled evaluation data (JSONL with labels or scored "
                              f"pairs); {path.name} has none")
@@ -170,7 +180,7 @@ class ImageData(_Source):
         cal = self.config.calibration
         return self._arrays(cal.path, cal.samples, CALIB_VIEWS, "calibration")[0]
 
-    def evaluation(self, exclude: set[str] = frozenset()) -> tuple[list[Sample], int, EvalSet | None]:
+    def evaluation(self) -> tuple[list[Sample], int, EvalSet | None]:
         from edgeq.calib.images import EVAL_VIEWS
 
         arrays, labels, names = self._arrays(self.config.evaluation.path, self.config.evaluation.samples,

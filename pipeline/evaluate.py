@@ -29,10 +29,8 @@ def run(ctx: BuildContext) -> StageResult:
     if ctx.family == "causal-lm":
         return _causal_lm(ctx)
 
-    data = for_build(ctx)
-    # never evaluate on a calibration sample (text; .npz and photo views are split by the source)
-    calibrated = data.calibration_samples() if ctx.calibration is not None and ctx.family == "encoder" else []
-    samples, removed, evalset = data.evaluation(set(calibrated) if isinstance(calibrated, list) else set())
+    # never a calibration sample: the source leaves them out (photos: other views than calibration's)
+    samples, removed, evalset = for_build(ctx).evaluation()
     classifier = ctx.model.task in ("text-classification", "image-classification")
     outputs: dict[str, tuple[list, np.ndarray]] = {}
     so = ort.SessionOptions()

@@ -114,8 +114,7 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         return float(row_cosine(outputs(model, sel), ref).mean())
 
     budget_metric = ctx.config.budget_metric
-    task_sel = data.task_selection(set(samples) if isinstance(samples, list) else set()) \
-        if budget_metric == "task" else None
+    task_sel = data.task_selection() if budget_metric == "task" else None
     name = value = ref_value = None
     if task_sel is not None:
         tsel, tfeeds = task_sel

@@ -123,7 +123,7 @@ def test_data_source_batches_singles_and_bench_inputs(ctx):
     assert [b["x"].shape[0] for b in data.batches(samples, 24)] == [24, 24, 16]
     singles = data.singles(samples, 5)
     assert len(singles) == 5 and singles[0].feeds["x"].shape == (1, 16) and singles[0].mask is None
-    evaluation, removed, labelled = data.evaluation(set())
+    evaluation, removed, labelled = data.evaluation()
     assert len(evaluation) == 16 and removed == 0 and labelled is None
     path = data.bench_file(ctx.path(Files.BENCH_INPUTS))
     np.testing.assert_array_equal(np.load(path)["x"], np.load(ctx.config.evaluation.path)["x"][:1])

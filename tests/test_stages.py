@@ -306,6 +306,11 @@ def test_eval_drops_samples_that_were_used_for_calibration(tiny_bert, tmp_path):
     ev = _stage(m, "evaluate")
     assert ev["metrics"]["overlap_with_calibration_removed"] == 30
     assert ev["settings"]["samples"] == 10
+    # a build that calibrates nothing (fp16 only) still never evaluates on the calibration file's samples
+    m = run_build(tiny_bert, tmp_path / "o2", modes=("fp16",), calib=str(data), eval_path=str(data),
+                  calib_samples=30, eval_samples=10)
+    assert _stage(m, "calibrate").get("skipped")
+    assert _stage(m, "evaluate")["metrics"]["overlap_with_calibration_removed"] == 30
 
 
 # -- benchmark ----------------------------------------------------------------------------------
