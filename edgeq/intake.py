@@ -321,8 +321,10 @@ def check_model_safety(model_dir: Path, trust_remote_code: bool = False, allow_p
 
 
 def _has_safetensors(model_dir: Path) -> bool:
-    return (any(p.is_file() for p in model_dir.glob("*.safetensors"))
-            or (model_dir / "model.safetensors.index.json").is_file())
+    """Whether transformers would load safetensors weights from the folder: it looks for these two
+    names only (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), so another *.safetensors beside a
+    pickle is a decoy and the pickle is what would be unpickled."""
+    return (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
 
 
 def _code_refs(value) -> str:

@@ -402,3 +402,14 @@ def test_no_unsafe_loaders_in_the_code_base():
         assert not re.search(r"\b(np|numpy)\.load\([^)]*allow_pickle\s*=\s*True", text), p
         assert not re.search(r"\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.load", text), p
         assert not re.search(r"trust_remote_code\s*=\s*True", text), p
+
+
+def test_a_safetensors_decoy_beside_a_pickle_is_refused(pickled_model, tmp_path):
+    """transformers loads model.safetensors (or its shard index) only; any other *.safetensors
+    beside pytorch_model.bin leaves the pickle to be loaded, so it does not count."""
+    d = tmp_path / "decoy-bert"
+    shutil.copytree(pickled_model, d)
+    (d / "decoy.safetensors").write_bytes(b"\0" * 16)
+    out = tmp_path / "out"
+    assert_refused(edgeq("config", str(d), "-o", str(out), cwd=tmp_path), "pytorch_model.bin", "--allow-pickle",
+                   out=out)
