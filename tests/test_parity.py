@@ -215,8 +215,20 @@ def test_unreachable_mirror_and_install_without_root(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "rootfs-bookworm-arm64").exists()
     monkeypatch.setenv("PATH", str(fake_bin(tmp_path / "old", qemu_version="7.2.0")))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(EdgeqError, match="--install-deps needs root"):
+    with pytest.raises(EdgeqError, match="--install-deps needs root") as e:
         parity.install_host_deps(log=lambda m: None)
+    assert "sudo" in str(e.value) and "--install-deps" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_missing_emulator_error_offers_the_install_to_root_and_to_others(monkeypatch):
+    """One line either way: root is told to rerun with --install-deps; another user gets it via sudo."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for uid, must in ((0, "rerun with --install-deps"), (1000, "sudo ")):
+        monkeypatch.setattr(os, "geteuid", lambda uid=uid: uid)
+        with pytest.raises(EdgeqError) as e:
+            parity.find_qemu()
+        text = str(e.value)
+        assert must in text and "--install-deps" in text and "\n" not in text, text
 
 
 # -------------------------------------------------------------------------------------------------

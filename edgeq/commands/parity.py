@@ -161,6 +161,15 @@ def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     return DEFAULT_MIRROR
 
 
+def remedy() -> str:
+    """How this user gets the emulation tools, for a one-line error: root reruns with --install-deps;
+    anyone else is given the same through sudo (edgeq never changes the system unasked)."""
+    if os.geteuid() == 0:
+        return f"rerun with --install-deps to install them, or yourself: {install_command()}"
+    return (f"install them as root: sudo {sys.executable} -m edgeq parity ARTIFACT_DIR --install-deps, "
+            f"or sudo sh -c \"{install_command()}\"")
+
+
 def install_command(mirror: str | None = None) -> str:
     """The exact command that installs what emulation needs on this machine (for error messages)."""
     osr = _os_release()
@@ -193,11 +202,10 @@ def find_qemu() -> tuple[str, str]:
             if version < QEMU_MIN_VERSION:
                 raise EdgeqError(
                     f"cannot set up aarch64 emulation: {path} is QEMU {text}, 10 or later is needed "
-                    f"(older QEMU crashes importing onnxruntime); install it: {install_command()}, "
-                    "or rerun with --install-deps as root")
+                    f"(older QEMU crashes importing onnxruntime); {remedy()}")
             return path, text
     raise EdgeqError("cannot set up aarch64 emulation: qemu-aarch64 (QEMU user-mode, 10 or later) not found on "
-                     f"PATH; install it: {install_command()}, or rerun with --install-deps as root")
+                     f"PATH; {remedy()}")
 
 
 def _missing_host_deps() -> list[str]:
@@ -229,7 +237,7 @@ def install_host_deps(log: Log = _stderr) -> bool:
     if not missing:
         return False
     if os.geteuid() != 0:
-        raise EdgeqError(f"--install-deps needs root (it runs apt-get); as root run: {install_command()}")
+        raise EdgeqError(f"--install-deps needs root (it runs apt-get): {remedy()}")
     if not shutil.which("apt-get"):
         raise EdgeqError(f"cannot install {' and '.join(missing)}: no apt-get on PATH; {install_command()}")
     osr = _os_release()
@@ -268,7 +276,7 @@ def _make_rootfs(dest: Path, mirror: str, log: Log) -> None:
     mmdebstrap = shutil.which("mmdebstrap")
     if not mmdebstrap:
         raise EdgeqError("cannot set up aarch64 emulation: mmdebstrap (makes the Debian arm64 userland) not found "
-                         f"on PATH; install it: {install_command()}, or rerun with --install-deps as root")
+                         f"on PATH; {remedy()}")
     _check_mirror(mirror)
     log(f"[parity] Debian {SUITE} arm64 userland from {mirror} (one time)")
     cmd = [mmdebstrap, "--variant=extract", "--arch=arm64", f"--include={','.join(ROOTFS_PACKAGES)}", SUITE,
