@@ -7,8 +7,11 @@ device, so the saved graph stays portable across execution providers.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -114,15 +117,30 @@ def run(ctx: BuildContext) -> StageResult:
     skip_opt = ctx.family != "vision"
     if not skip_opt:
         notes.append("onnxruntime basic graph optimizations applied (constant folding, Pad fused into Conv)")
-    try:
-        quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, save_as_external_data=large)
-        shape_inference = "symbolic"
-    except Exception as e:  # symbolic shape inference gives up on some graphs; ONNX's is enough then
-        notes.append(f"symbolic shape inference failed ({type(e).__name__}); used ONNX shape inference")
-        quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, skip_symbolic_shape=True,
-                          save_as_external_data=large)
-        shape_inference = "onnx"
+    with _private_cwd(ctx.build_dir):
+        try:
+            quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, save_as_external_data=large)
+            shape_inference = "symbolic"
+        except Exception as e:  # symbolic shape inference gives up on some graphs; ONNX's is enough then
+            notes.append(f"symbolic shape inference failed ({type(e).__name__}); used ONNX shape inference")
+            quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, skip_symbolic_shape=True,
+                              save_as_external_data=large)
+            shape_inference = "onnx"
     return _record(ctx, before, out, plan, fused_ops, shape_inference, notes, large)
+
+
+@contextlib.contextmanager
+def _private_cwd(parent: Path):
+    """ONNX Runtime's symbolic shape inference, when it gives up, saves sym_shape_infer_temp.onnx and
+    its weights into the current directory: the user's, where a planted symlink of that name would
+    be written through. It runs in an empty folder of the build's own instead."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".cwd-") as d:
+        os.chdir(d)
+        try:
+            yield
+        finally:
+            os.chdir(old)
 
 
 def _record(ctx: BuildContext, before, out: Path, plan: dict, fused_ops: dict, shape_inference: str,

@@ -138,3 +138,30 @@ def test_config_sections_reject_impossible_values():
         Benchmark(batch_size=1, seq_len=8, runs=0, warmup=0, threads=0)
     with pytest.raises(EdgeqError, match="--min-speedup must be a positive number"):
         Gates(None, -1.0, None)
+
+
+def test_optimize_keeps_shape_inference_out_of_the_users_folder(ctx, tmp_path, monkeypatch):
+    """ORT's symbolic shape inference writes sym_shape_infer_temp.onnx into the current directory
+    when it gives up; a symlink planted there must not be written through."""
+    import onnxruntime.quantization.shape_inference as si
+
+    from edgeq.pipeline import optimize
+
+    _model(ctx.path(Files.EXPORTED))
+    user = tmp_path / "user"
+    user.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (user / "sym_shape_infer_temp.onnx").symlink_to(victim)
+    real = si.quant_pre_process
+
+    def giving_up(*args, **kw):  # what ORT does when inference is incomplete, then the real work
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"temp model")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(si, "quant_pre_process", giving_up)
+    monkeypatch.chdir(user)
+    optimize.run(ctx)
+    assert victim.read_text() == "precious" and Path.cwd() == user
+    assert ctx.path(Files.FP32).is_file() and ctx.model.input_names == ["x"]
+    assert not list(ctx.build_dir.glob(".cwd-*"))  # the private folder is gone
