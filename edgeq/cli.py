@@ -364,6 +364,10 @@ def main() -> None:
         if e.filename is not None and e.errno in _USER_OS_ERRORS:
             click.echo(f"edgeq: error: {_one_line(f'{e.filename}: {e.strerror}')}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk, whichever write hit it (no file name)
+            click.echo(f"edgeq: error: {_one_line(e.strerror or 'no space left on device')} "
+                       "(free some space, or build with --out on another disk)", err=True)
+            sys.exit(EXIT_USER_ERROR)
         _internal(e)
     except Exception as e:  # a bug, not the user's doing: one line, traceback on request
         _internal(e)

@@ -265,3 +265,23 @@ def test_abandoned_staging_dirs_are_cleaned(tiny_bert, tmp_path):
     r = edgeq("build", str(tiny_bert), "-o", str(out), "--mode", "dynamic", *fast_args())
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (out / "tiny-bert").iterdir() if p.name != ".cache") == [other_host.name, "x86_64"]
+
+
+def test_a_full_disk_is_a_user_error_not_an_internal_one(monkeypatch, capsys, tmp_path):
+    """ENOSPC from a write that names no file (a library's write()) is still the disk, not a bug."""
+    import errno
+
+    import edgeq.config
+    from edgeq import cli
+
+    def full(**kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(edgeq.config, "resolve_config", full)
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)  # keep this process's own handlers
+    monkeypatch.setattr(sys, "argv", ["edgeq", "config", "-o", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("edgeq: error: No space left on device") and "internal" not in err
