@@ -11,9 +11,7 @@ for the manifest, which the build writes last: a directory with a manifest.json 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -67,8 +65,6 @@ _SWIFT_EP = {"CoreMLExecutionProvider": "try options.appendCoreMLExecutionProvid
 
 def convert_to_ort(ctx: BuildContext) -> dict:
     """Write model.<name>.ort for every artifact and required_operators.config; verify outputs."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
     pkg = ctx.target.package
     style = pkg.get("ort_optimization_style", "Fixed")
     platform = pkg.get("ort_target_platform", "arm")
@@ -78,12 +74,7 @@ def convert_to_ort(ctx: BuildContext) -> dict:
         for a in ctx.artifacts:
             (src / Path(a.path).name).symlink_to(ctx.path(a.path))
         out = Path(tmp) / "out"
-        # onnxruntime.tools sets its loggers to INFO explicitly: quiet the ones the conversion uses
-        for name in ("ort_format_model.utils", "convert_onnx_models_to_ort", "ort_format_model"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert_onnx_models_to_ort(src, out, optimization_styles=[getattr(OptimizationStyle, style)],
-                                       target_platform=platform)
+        _convert_reproducibly(Path(tmp), style, platform)
         # the Runtime style names its outputs *.with_runtime_opt.ort / .config
         tag = ".with_runtime_opt" if style == "Runtime" else ""
         for a in ctx.artifacts:
@@ -100,6 +91,45 @@ def convert_to_ort(ctx: BuildContext) -> dict:
     checks = verify_ort(ctx)
     return {"optimization_style": style, "target_platform": platform, "reduced_ops": REDUCED_OPS,
             "operators": sum(len(ln.split(";")[2].split(",")) for ln in ops), "ort_vs_onnx": checks}
+
+
+# onnxruntime.tools' conversion, run in a child process (folder `in` -> `out` in its cwd)
+_CONVERT = ("import logging, sys\n"
+            "from pathlib import Path\n"
+            "from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort\n"
+            "for name in ('ort_format_model.utils', 'convert_onnx_models_to_ort', 'ort_format_model'):\n"
+            "    logging.getLogger(name).setLevel(logging.WARNING)\n"
+            "convert_onnx_models_to_ort(Path('in'), Path('out'), optimization_styles="
+            "[getattr(OptimizationStyle, sys.argv[1])], target_platform=sys.argv[2])\n")
+_ADDR_NO_RANDOMIZE = 0x0040000  # personality(2)
+
+
+def _convert_reproducibly(workdir: Path, style: str, platform: str) -> None:
+    """The .ort files, the same bytes from build to build. ONNX Runtime writes some of the
+    flatbuffer's tables (the kernel type resolver's) in the iteration order of a hash map whose seed
+    is an address in its library, so each process lays them out differently (same content, a few
+    hundred bytes placed otherwise). The conversion therefore runs in a child process with address
+    randomization off and a fixed environment and command line: the same library then lands at the
+    same addresses and the layout repeats on the same machine and install. Where personality(2)
+    is not available (not Linux) it runs as it is, and only the content is the same."""
+    import ctypes
+    import subprocess
+    import sys
+
+    def no_aslr() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).personality(_ADDR_NO_RANDOMIZE)
+        except (OSError, AttributeError):
+            pass
+
+    env = {"PATH": os.defpath, "LC_ALL": "C", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+           **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}  # where onnxruntime may be
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, style, platform], cwd=workdir, env=env,
+                          capture_output=True, text=True,
+                          preexec_fn=no_aslr if sys.platform.startswith("linux") else None)
+    if proc.returncode:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"ORT format conversion failed: {last}")
 
 
 def verify_ort(ctx: BuildContext) -> dict:

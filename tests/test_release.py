@@ -167,6 +167,23 @@ def test_two_builds_publish_byte_identical_bundles(two_builds):
     assert all(sums[f] == files_a[f] for f in sums)
 
 
+def test_two_mobile_builds_publish_byte_identical_bundles(tiny_bert, tmp_path):
+    """arm64 packages ORT-format models: their bytes must repeat too (ONNX Runtime's converter lays
+    out some tables in a per-process hash order; edgeq converts so that the layout repeats)."""
+    tars = []
+    for i in range(2):
+        out = tmp_path / "out"  # the same inputs, --out included (it is part of the config)
+        r = edgeq("build", tiny_bert, "-o", out, "--target", "arm64", "--mode", "dynamic", *FAST)
+        assert r.returncode == 0, r.stderr
+        build_dir = out / "tiny-bert" / "arm64"
+        assert (build_dir / "model.int8-dynamic.ort").is_file()
+        p = edgeq("publish", build_dir, "--to", tmp_path / f"bundle{i}.tar.gz", "--json")
+        assert p.returncode == 0, p.stderr
+        tars.append((json.loads(p.stdout)["sha256"], {f.name: sha(f) for f in build_dir.glob("*.ort")}))
+    assert tars[0][1] == tars[1][1] and len(tars[0][1]) == 2
+    assert tars[0][0] == tars[1][0]
+
+
 def test_readers_see_the_timings_back_in_place(two_builds):
     root, _ = two_builds
     from edgeq.core import load_manifest
