@@ -241,6 +241,31 @@ def test_verify_refuses_entries_that_escape(tmp_path, name, kind, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]  # nothing extracted
 
 
+def test_verify_refuses_what_a_bundle_never_holds(two_builds, tmp_path):
+    """A bad gzip CRC, a file listed twice, a FIFO, a setuid file: each a one-line refusal, exit 2."""
+    root, (a, _) = two_builds
+    tar = tmp_path / "crc.tar.gz"
+    data = bytearray((root / "bundle0.tar.gz").read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC32: only checked at the end of the stream
+    tar.write_bytes(bytes(data))
+    assert "not a readable tar archive" in one_line_error(edgeq("verify", tar))
+    cases = {}
+    for case in ("twice", "fifo", "setuid"):
+        d = tmp_path / case
+        shutil.copytree(a["dir"]["bundle"], d)
+        cases[case] = d
+    sums = cases["twice"] / "SHA256SUMS"
+    first = sums.read_text().splitlines()[0]
+    sums.write_text(sums.read_text() + first + "\n")
+    assert "lists" in one_line_error(edgeq("verify", cases["twice"])) and "twice" in one_line_error(
+        edgeq("verify", cases["twice"]))
+    os.mkfifo(cases["fifo"] / "pipe")
+    assert "FIFO" in one_line_error(edgeq("verify", cases["fifo"]))
+    exe = cases["setuid"] / "README.md"
+    exe.chmod(0o4755)
+    assert "setuid" in one_line_error(edgeq("verify", cases["setuid"]))
+
+
 def test_verify_refuses_sums_naming_outside_files_and_non_bundles(tmp_path):
     d = tmp_path / "b"
     d.mkdir()

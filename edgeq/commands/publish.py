@@ -24,6 +24,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -206,24 +207,29 @@ def verify(bundle: Path) -> dict[str, Any]:
     if SUMS not in files:
         raise EdgeqError(f"{bundle}: not an edgeq bundle (no {SUMS})")
     listed = {}
-    for n, line in enumerate(files[SUMS]().decode("utf-8", errors="replace").splitlines(), 1):
+    with files[SUMS]() as f:
+        sums_text = f.read(1 << 24).decode("utf-8", errors="replace")  # a listing, not data: 16 MB is plenty
+    for n, line in enumerate(sums_text.splitlines(), 1):
         m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
         if not m:
             raise EdgeqError(f"{bundle}: {SUMS} line {n} is not '<sha256>  <path>'")
         rel = m.group(2)
         if PurePosixPath(rel).is_absolute() or ".." in rel.split("/"):
             raise EdgeqError(f"{bundle}: {SUMS} names {rel!r}, which leaves the bundle")
+        if rel in listed:
+            raise EdgeqError(f"{bundle}: {SUMS} lists {rel!r} twice (line {n})")
         listed[rel] = m.group(1)
     problems = []
     for rel, want in sorted(listed.items()):
         if rel not in files:
             problems.append(f"missing: {rel}")
-        elif hashlib.sha256(files[rel]()).hexdigest() != want:
+        elif _sha256_of(files[rel]) != want:
             problems.append(f"checksum mismatch: {rel}")
     problems += [f"not in {SUMS}: {rel}" for rel in sorted(set(files) - set(listed) - {SUMS})]
     if "manifest.json" in files and not problems:
         try:
-            man = json.loads(files["manifest.json"]())
+            with files["manifest.json"]() as f:
+                man = json.loads(f.read())
             for rec in man.get("files", []):
                 rel = rec.get("path", "")
                 if rel in listed and listed[rel] != rec.get("sha256"):
@@ -237,9 +243,10 @@ def _tar_members(path: Path) -> dict[str, Any]:
     """{name below the top folder: reader} of a tarball's regular files; anything that could write
     outside a folder if extracted (absolute names, .., links, devices) is refused."""
     try:
+        _check_gzip(path)
         tar = tarfile.open(path, mode="r:*")
         members = tar.getmembers()
-    except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise EdgeqError(f"{path}: not a readable tar archive ({' '.join(str(e).split()) or type(e).__name__})") from None
     tops, out = set(), {}
     for m in members:
@@ -249,23 +256,55 @@ def _tar_members(path: Path) -> dict[str, Any]:
             raise EdgeqError(f"{path}: entry {name!r} leaves the bundle directory")
         if not (m.isfile() or m.isdir()):
             raise EdgeqError(f"{path}: entry {name!r} is a link or special file; bundles hold regular files only")
+        if m.mode & 0o6000:
+            raise EdgeqError(f"{path}: entry {name!r} is setuid/setgid; bundles hold plain files only")
         tops.add(parts[0])
         if m.isfile():
             rel = "/".join(parts[1:])
             if not rel:
                 raise EdgeqError(f"{path}: file {name!r} is outside the bundle folder")
-            out[rel] = (lambda m=m: tar.extractfile(m).read())
+            out[rel] = (lambda m=m: tar.extractfile(m))
     if len(tops) > 1:
         raise EdgeqError(f"{path}: more than one top-level folder ({', '.join(sorted(tops)[:3])})")
     return out
 
 
+def _check_gzip(path: Path) -> None:
+    """A gzip-compressed tarball decompressed to its end, in chunks: its CRC and length trailer is
+    only checked there, and tarfile stops reading before it."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path, "rb") as z:
+        while z.read(1 << 20):
+            pass
+
+
 def _dir_members(path: Path) -> dict[str, Any]:
+    """{relative name: opener} of a folder's regular files; links, FIFOs, devices, sockets and
+    setuid/setgid files are refused (a bundle holds plain files only)."""
+    import stat
+
     out = {}
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if f.is_symlink():
+        mode = f.lstat().st_mode
+        if stat.S_ISLNK(mode):
             raise EdgeqError(f"{path}: {rel} is a symlink; bundles hold regular files only")
-        if f.is_file():
-            out[rel] = f.read_bytes
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise EdgeqError(f"{path}: {rel} is a FIFO, socket or device; bundles hold regular files only")
+        if mode & 0o6000:
+            raise EdgeqError(f"{path}: {rel} is setuid/setgid; bundles hold plain files only")
+        out[rel] = (lambda f=f: open(f, "rb"))
     return out
+
+
+def _sha256_of(opener) -> str:
+    """sha256 of a member, read in chunks (a bundle's models can be larger than memory allows)."""
+    h = hashlib.sha256()
+    with opener() as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
