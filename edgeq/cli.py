@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import sys
@@ -11,7 +10,7 @@ import sys
 import click
 
 from edgeq.config import build_options
-from edgeq.core import EdgeqError, Interrupted
+from edgeq.core import EdgeqError, Interrupted, json_text
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -70,7 +69,7 @@ def build(ctx, fresh, as_json, **options) -> None:
         with stdout_to_stderr() as real_stdout:
             manifest = run_build(config, fresh=fresh)
             click.echo(summary_table(manifest), err=True)
-        real_stdout.write(json.dumps(json_summary(manifest), indent=2) + "\n")
+        real_stdout.write(json_text(json_summary(manifest), indent=2) + "\n")
         real_stdout.flush()
     else:
         manifest = run_build(config, fresh=fresh)
@@ -180,7 +179,7 @@ def bench(artifact_dir, host, port, identity, known_hosts, ssh_options, connect_
     text = table(record, model=f"{manifest['model']['name']} ({manifest['target']['name']})")
     if as_json:
         click.echo(text, err=True)
-        click.echo(json.dumps({"build_dir": str(build_dir.resolve()),
+        click.echo(json_text({"build_dir": str(build_dir.resolve()),
                                "manifest": str((build_dir / "manifest.json").resolve()),
                                "remote_dir": removed_dir, **record}, indent=2))
     else:
@@ -208,7 +207,7 @@ def parity(artifact_dir, target, cache_dir, install_deps, as_json) -> None:
     record = run_parity(artifact_dir, target, cache_dir=cache_dir, install_deps=install_deps, log=log)
     click.echo(table(record), err=as_json)
     if as_json:
-        click.echo(json.dumps(record, indent=2))
+        click.echo(json_text(record, indent=2))
     if record["status"] != "passed":
         sys.exit(EXIT_PARITY_FAILED)
 
@@ -226,7 +225,7 @@ def inspect_cmd(artifact_dir, artifact, all_nodes, as_json) -> None:
 
     report = inspect_build(Path(artifact_dir), artifact)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json_text(report, indent=2))
         return
     if all_nodes:
         for a in report["artifacts"].values():
@@ -249,7 +248,7 @@ def publish(build_dir, to, version, as_json) -> None:
 
     result = run_publish(Path(build_dir), Path(to), version)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json_text(result, indent=2))
     else:
         click.echo(f"{result['bundle']}: {result['files']} files, sha256 {result['sha256']} ({result['sha256_of']})")
 
@@ -266,7 +265,7 @@ def verify(bundle, as_json) -> None:
 
     result = run_verify(Path(bundle))
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json_text(result, indent=2))
     elif result["ok"]:
         click.echo(f"{bundle}: {result['files']} files, all match {'SHA256SUMS'}")
     if not result["ok"]:

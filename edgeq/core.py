@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -272,7 +273,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
+
+
+def json_text(obj: Any, **kw) -> str:
+    """Strict JSON: NaN and infinities (a timing with no sample, a ratio of nothing) become null,
+    which every JSON reader parses (bare NaN is not JSON)."""
+    return json.dumps(_finite(obj), allow_nan=False, default=_json_default, **kw)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.floating):
+            return _finite(float(obj))
+        if isinstance(obj, np.ndarray):
+            return _finite(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

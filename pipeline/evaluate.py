@@ -44,6 +44,8 @@ def run(ctx: BuildContext) -> StageResult:
             except Exception as e:  # the evaluation data does not fit the model
                 raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config.evaluation.path}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
+            if not np.isfinite(o).all():  # every metric would be NaN, and NaN compares as passing nothing
+                raise EdgeqError(_non_finite(a.name, ctx.config.evaluation.path))
             pools.append(pooled(o, mask))
             raw.append(o[mask.astype(bool)] if (o.ndim == 3 and mask is not None) else o)
         outputs[a.name] = (raw, np.concatenate(pools))
@@ -71,6 +73,14 @@ def run(ctx: BuildContext) -> StageResult:
                                                        "top5_overlap", "task")
                              if k in a.metrics} for a in ctx.artifacts}},
     )
+
+
+def _non_finite(name: str, data: str) -> str:
+    if name == "fp32":
+        return (f"the model gives NaN or infinite outputs on evaluation data {data} (fp32, before any "
+                "quantization): check the model and the data")
+    return (f"{name} gives NaN or infinite outputs on evaluation data {data} where fp32 does not: this "
+            "recipe breaks the model (try another --mode, --calib-method or target)")
 
 
 def _causal_lm(ctx: BuildContext) -> StageResult:

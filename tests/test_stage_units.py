@@ -165,3 +165,29 @@ def test_optimize_keeps_shape_inference_out_of_the_users_folder(ctx, tmp_path, m
     assert victim.read_text() == "precious" and Path.cwd() == user
     assert ctx.path(Files.FP32).is_file() and ctx.model.input_names == ["x"]
     assert not list(ctx.build_dir.glob(".cwd-*"))  # the private folder is gone
+
+
+def test_non_finite_outputs_stop_the_build_with_the_artifact_named(ctx):
+    """NaN outputs would make every metric NaN (and NaN passes no comparison): a one-line error."""
+    from edgeq.core import Artifact
+    from edgeq.pipeline import evaluate
+
+    g = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"], name="sqrt")], "nan",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(ctx.path(Files.FP32)))
+    ctx.artifacts = [Artifact(name="fp32", path=Files.FP32, precision="fp32")]
+    with pytest.raises(EdgeqError, match=r"NaN or infinite outputs .* \(fp32, before any quantization\)"):
+        evaluate.run(ctx)
+
+
+def test_json_written_by_edgeq_is_strict(tmp_path):
+    import json
+
+    from edgeq.core import atomic_write_json, json_text
+
+    obj = {"ok": 1.5, "nan": float("nan"), "inf": [float("inf"), np.float32(2.0)], "arr": np.array([1.0, np.nan])}
+    assert json.loads(json_text(obj)) == {"ok": 1.5, "nan": None, "inf": [None, 2.0], "arr": [1.0, None]}
+    atomic_write_json(tmp_path / "m.json", obj)
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text and json.loads(text)["nan"] is None

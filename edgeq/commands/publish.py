@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgeq.core import EdgeqError, Files, load_manifest, sha256_file, stable_manifest
+from edgeq.core import EdgeqError, Files, json_text, load_manifest, sha256_file, stable_manifest
 
 EXIT_VERIFY_FAILED = 3
 NOT_SHIPPED = ("work/", "calibration/")  # intermediates and calibration ranges stay in the build dir
@@ -80,7 +80,7 @@ def publish(build_dir: Path, to: Path, version: str | None = None) -> dict[str, 
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     stable = stable_manifest(manifest)
-    manifest_bytes = (json.dumps(stable, indent=2) + "\n").encode()
+    manifest_bytes = (json_text(stable, indent=2) + "\n").encode()
     version = version or hashlib.sha256(manifest_bytes).hexdigest()[:12]
     if not _VERSION_RE.fullmatch(version):
         raise EdgeqError(f"--version {version!r}: use letters, digits, '.', '_', '+', '-' (at most 64)")
