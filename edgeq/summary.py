@@ -60,9 +60,8 @@ def summary_table(manifest: dict[str, Any]) -> str:
     head = (f"{manifest['model']['name']} -> {manifest['target']['name']}  "
             f"({manifest['build_seconds']:.0f}s, {manifest['build_dir']})")
     why = (manifest.get("config") or {}).get("target_reason")
-    if why:
-        head += f"\ntarget {manifest['target']['name']}: chosen because {why} (--target picks another)"
+    chosen = [f"target {manifest['target']['name']}: chosen because {why} (--target picks another)"] if why else []
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
     eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
     notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
-    return "\n".join([head, *lines, *eps, *notes])
+    return "\n".join([head, *lines, *chosen, *eps, *notes])
