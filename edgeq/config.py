@@ -159,6 +159,7 @@ class BuildConfig:
     allow_pickle: bool = False
     export_atol: float = 1e-3
     target_reason: str | None = None  # why this target, when --target was not given (intake.host_target)
+    output: str | None = None  # --output: the graph output evaluation compares (default: pipeline/ops/outputs.py)
     options: dict[str, Any] = field(default_factory=dict)  # every option's effective value (edgeq.toml)
 
     def __post_init__(self) -> None:
@@ -184,6 +185,7 @@ class BuildConfig:
             "model": self.model, "model_kind": self.model_kind, "family": self.family, "name": self.name,
             "target": self.target, "target_profile": self.target_profile,
             **({"target_reason": self.target_reason} if self.target_reason else {}), "modes": list(self.modes),
+            **({"output": self.output} if self.output else {}),
             "task": self.task, "tokenizer": self.tokenizer, "max_length": self.max_length,
             "export_atol": self.export_atol, "max_accuracy_drop": self.max_accuracy_drop,
             "budget_metric": self.budget_metric, "fp16": asdict(self.fp16), "calibration": asdict(self.calibration),
@@ -206,7 +208,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    block_size: int = 32, accuracy_level: int = 4, new_tokens: int = 32,
                    input_shape: tuple[int, ...] | None = None, preprocess: str | None = None,
                    min_speedup: float | None = None, max_size_mb: float | None = None,
-                   trust_remote_code: bool = False, allow_pickle: bool = False) -> BuildConfig:
+                   trust_remote_code: bool = False, allow_pickle: bool = False,
+                   output: str | None = None) -> BuildConfig:
     """Check every user input before anything is written; return the fully resolved config.
 
     The model, the data and the target are checked here (files exist, parse, fit the model); the
@@ -308,6 +311,15 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if text_data and not any((tok_dir / f).is_file() for f in intake.TOKENIZER_FILES):
             raise EdgeqError(f"{model_path.name} has no tokenizer beside it and the data is text: "
                              "pass --tokenizer DIR, or calibration/evaluation tensors as .npz")
+    if output is not None:
+        if family == "causal-lm":
+            raise EdgeqError("--output is for encoders and image models: a causal LM is evaluated on its logits")
+        if kind == "onnx":
+            import onnx
+
+            outs = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+            if output not in outs:
+                raise EdgeqError(f"--output {output!r}: {model_path.name} has no such output (it has: {', '.join(outs)})")
     _at_least("--new-tokens", new_tokens, 1)  # an option of every build, used by causal LMs
     evaluation = Evaluation(path=str(eval_file), samples=eval_samples)
     benchmark = Benchmark(batch_size=batch_size, seq_len=seq_len, runs=runs, warmup=warmup, threads=threads,
@@ -328,7 +340,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                       eval_is_calibration_folder=eval_file == calib_file) if family == "vision" else None,
         int4=(int4 or Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True))
         if "int4" in modes else None,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, target_reason=target_reason,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, target_reason=target_reason, output=output,
         options={
             "model": given_model if given_model is None else str(model_path) if kind != "module" else model,
             "target": tname,
@@ -344,6 +356,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
             "min_speedup": min_speedup, "max_size_mb": max_size_mb,
             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle,
+            **({"output": output} if output else {}),
         },
     )
 
@@ -372,6 +385,8 @@ BUILD_OPTIONS = [
     click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]),
                  help="Default: from config.json."),
     click.option("--tokenizer", help="Tokenizer directory, for an .onnx model without one beside it."),
+    click.option("--output", help="The model output evaluation compares, by name (default: chosen by graph "
+                                  "structure: a pooled sentence embedding, else the first token-level output)."),
     click.option("--name", help="Model name used for the output folder."),
     click.option("--out", "-o", default="artifacts", show_default=True, help="Output root."),
     click.option("--runs", type=int, help="Timed runs per artifact (default 100; 5 generations for a causal LM)."),

@@ -100,6 +100,7 @@ class ModelFacts:
     input_names: list[str] = field(default_factory=list)  # of the fp32 artifact (optimize)
     input_specs: dict[str, dict] = field(default_factory=dict)  # {name: {"dtype", "rank"}}
     output_names: list[str] = field(default_factory=list)
+    primary_output: str | None = None  # the output evaluation compares (pipeline/ops/outputs.py); None: the first
 
 
 @dataclass

@@ -35,12 +35,13 @@ def run(ctx: BuildContext) -> StageResult:
     outputs: dict[str, tuple[list, np.ndarray]] = {}
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures are raised with their message below
+    wanted = [ctx.model.primary_output] if ctx.model.primary_output else None  # None: the first output
     for a in ctx.artifacts:
         sess = ort.InferenceSession(str(ctx.path(a.path)), so, providers=["CPUExecutionProvider"])
         raw, pools = [], []
         for feeds, mask in ctx.track(samples, len(samples), f"evaluate {a.name}"):
             try:
-                o = sess.run(None, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
+                o = sess.run(wanted, feeds)[0].astype(np.float32)  # fp16 outputs compared in fp32
             except Exception as e:  # the evaluation data does not fit the model
                 raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config.evaluation.path}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None

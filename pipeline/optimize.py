@@ -8,6 +8,7 @@ device, so the saved graph stays portable across execution providers.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -95,7 +96,8 @@ def run(ctx: BuildContext) -> StageResult:
         return _record(ctx, before, out, plan, fused_ops, "none (weight-only quantization needs no shape inference)",
                        notes, large)
     if plan:
-        fused_ops = _fuse(src, fused, plan, large)
+        with _quiet():
+            fused_ops = _fuse(src, fused, plan, large)
         if fused_ops is None:
             notes.append("onnxruntime.transformers fusions failed; continuing with the unfused graph")
             fused_ops = {}
@@ -117,7 +119,7 @@ def run(ctx: BuildContext) -> StageResult:
     skip_opt = ctx.family != "vision"
     if not skip_opt:
         notes.append("onnxruntime basic graph optimizations applied (constant folding, Pad fused into Conv)")
-    with _private_cwd(ctx.build_dir):
+    with _private_cwd(ctx.build_dir), _quiet():
         try:
             quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, save_as_external_data=large)
             shape_inference = "symbolic"
@@ -126,7 +128,98 @@ def run(ctx: BuildContext) -> StageResult:
             quant_pre_process(str(fused), str(out), skip_optimization=skip_opt, skip_symbolic_shape=True,
                               save_as_external_data=large)
             shape_inference = "onnx"
+    if not large:
+        notes += _finish_graph(out)
     return _record(ctx, before, out, plan, fused_ops, shape_inference, notes, large)
+
+
+def _finish_graph(path: Path) -> list[str]:
+    """Two things later stages need of every graph, which exports from other tools may lack; the
+    model at `path` is rewritten only when one was missing (an optimum export has both).
+
+    - A unique name on every node: the quantizers select nodes by name (nodes_to_quantize,
+      nodes_to_exclude), and an unnamed node can be neither chosen nor kept float.
+    - An element type on every float tensor: calibration and ORT's quantizers only touch tensors
+      whose type is known. When symbolic shape inference gives up (sentence-transformers' pooling
+      Expand, on some exports) ONNX's own inference takes over, and it has no schemas for the
+      com.microsoft ops the fusions made (Attention, SkipLayerNormalization): every tensor after the
+      first fused op stays untyped, and static int8 found "no MatMul nodes". ONNX Runtime types
+      those ops on load, so the missing types (and shapes) are read from a session that lists the
+      untyped tensors as outputs. Written by hand: neither onnx nor onnxruntime.quantization
+      offers type inference through contrib ops."""
+    import onnx
+
+    model = onnx.load(str(path))
+    notes = []
+    names, renamed = set(), 0
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in names:
+            base = f"{n.op_type}_{i}"
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            n.name = name
+            taken.add(name)
+            renamed += 1
+        names.add(n.name)
+    if renamed:
+        notes.append(f"{renamed} nodes without a (unique) name named by op type and position")
+    typed = _types_from_onnxruntime(model)
+    if typed:
+        model.graph.value_info.extend(typed)
+        notes.append(f"{len(typed)} tensor types ONNX's shape inference left unknown taken from ONNX Runtime's")
+    if renamed or typed:
+        onnx.save(model, str(path))
+    return notes
+
+
+def _types_from_onnxruntime(model) -> list:
+    import onnx
+    import onnxruntime as ort
+
+    vi = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    known = {v.name for v in vi if v.type.tensor_type.elem_type} | {i.name for i in model.graph.initializer}
+    missing = [o for n in model.graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in missing)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor stays there
+    so.log_severity_level = 4
+    try:
+        outs = {o.name: o for o in ort.InferenceSession(probe.SerializeToString(), so,
+                                                         providers=["CPUExecutionProvider"]).get_outputs()}
+    except Exception:  # the graph does not load: the later stages say so in their own words
+        return []
+    T = onnx.TensorProto
+    by_type = {"tensor(float)": T.FLOAT, "tensor(float16)": T.FLOAT16, "tensor(double)": T.DOUBLE,
+               "tensor(int64)": T.INT64, "tensor(int32)": T.INT32, "tensor(int8)": T.INT8,
+               "tensor(uint8)": T.UINT8, "tensor(bool)": T.BOOL}
+    typed = []
+    for name in missing:
+        o = outs.get(name)
+        if o is None or o.type not in by_type:
+            continue
+        shape = None if o.shape is None else [d if isinstance(d, (int, str)) else None for d in o.shape]
+        typed.append(onnx.helper.make_tensor_value_info(name, by_type[o.type], shape))
+    return typed
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Symbolic shape inference, run by the fusions and the pre-processing, prints its failures
+    ("failed in shape inference <class ...>") and the fusions log a warning after them; the stage's
+    note says it in one line instead."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -154,11 +247,18 @@ def _record(ctx: BuildContext, before, out: Path, plan: dict, fused_ops: dict, s
                  "rank": len(i.type.tensor_type.shape.dim) if i.type.tensor_type.HasField("shape") else None}
         for i in after.graph.input}
     ctx.model.output_names = [o.name for o in after.graph.output]
+    settings = {}
+    if len(after.graph.output) > 1 or ctx.config.output:
+        from edgeq.pipeline.ops.outputs import primary_output
+
+        name, why = primary_output(after, ctx.model.task, ctx.config.output)
+        ctx.model.primary_output = name
+        settings["primary_output"] = {"name": name, "why": why}
     ctx.artifacts.append(Artifact(name="fp32", path=Files.FP32, precision="fp32",
                                   recipe={"fusions": plan or None}))
     return StageResult(
         settings={"fusion": plan or None, "opt_level": 1 if ctx.family == "vision" else 0, "shape_inference": shape_inference,
-                  "external_data": large},
+                  "external_data": large, **settings},
         outputs=[Files.FP32],
         metrics={"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node),
                  "fused_ops": {k: v for k, v in fused_ops.items() if v}, "ops_after": op_histogram(after),

@@ -144,12 +144,13 @@ def verify_ort(ctx: BuildContext) -> dict:
 
     feeds_all = dict(np.load(ctx.path(Files.BENCH_INPUTS)))
     checks, fp32_out = {}, None
+    wanted = [ctx.model.primary_output] if ctx.model.primary_output else None
     for a in ctx.artifacts:
         outs = []
         for f in (a.path, a.formats["ort"]):
             sess = ort.InferenceSession(str(ctx.path(f)), providers=["CPUExecutionProvider"])
             feeds = {i.name: feeds_all[i.name] for i in sess.get_inputs()}
-            outs.append(sess.run(None, feeds)[0].astype(np.float32))
+            outs.append(sess.run(wanted, feeds)[0].astype(np.float32))
         diff = float(np.abs(outs[0] - outs[1]).max())
         scale = float(np.abs(outs[0]).max()) or 1.0
         if a.name == "fp32":

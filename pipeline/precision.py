@@ -104,9 +104,11 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
     samples = data.calibration_samples()
     sel = data.singles(samples, SELECTION_SAMPLES)
 
+    wanted = [ctx.model.primary_output] if ctx.model.primary_output else None  # the output evaluate compares
+
     def outputs(model, feeds) -> np.ndarray:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([pooled(sess.run(None, f)[0].astype(np.float32), m) for f, m in feeds])
+        return np.concatenate([pooled(sess.run(wanted, f)[0].astype(np.float32), m) for f, m in feeds])
 
     ref = outputs(fp32, sel)
 

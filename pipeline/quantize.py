@@ -86,14 +86,34 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     with as_file(model if smoothed else src, out) as path:
         corrected = quantize_static_recipe(path, out, r, cal.ranges_path, method,
                                            exclude=[k["node"] for k in kept], means_path=cal.means_path)
+    skipped = _not_quantized(out, quantized)
+    if len(skipped) == len(quantized):
+        raise EdgeqError(f"static int8: ONNX Runtime's quantizer quantized none of the {len(quantized)} "
+                         f"{'/'.join(r.op_types)} nodes (their inputs have no known type or range)")
+    kept += [{"node": n, "op_type": next(x.op_type for x in model.graph.node if x.name == n),
+              "reason": "ONNX Runtime's quantizer left it float (its input has no known type or range)"}
+             for n in skipped]
     extra = {}
     if r.fallback == "dynamic":
         kept, extra = _dynamic_fallback(ctx, out, kept)
         settings["fallback"] = {"mode": "dynamic", "recipe": "[dynamic]", **extra.pop("settings")}
     ctx.artifacts.append(Artifact(name="int8-static", path=Files.model("int8-static"), precision="int8",
                                   recipe={"mode": "static", **settings, "kept_float": kept}))
-    return settings, {"quantized_nodes": len(quantized), "kept_float": kept, **corrected, **extra,
+    return settings, {"quantized_nodes": len(quantized) - len(skipped), "kept_float": kept, **corrected, **extra,
                       "size_bytes": model_size_bytes(out)}
+
+
+def _not_quantized(path: Path, planned: list[str]) -> list[str]:
+    """The planned nodes whose activation input is not fed by a DequantizeLinear in the static
+    model at `path`: ORT's quantizer skips, with only a log line, a tensor whose type it does not
+    know, so what the plan says is checked against what was made."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    return [name for name in planned if name in nodes and nodes[name].input
+            and producer.get(nodes[name].input[0]) != "DequantizeLinear"]
 
 
 def _dynamic_fallback(ctx: BuildContext, path: Path, kept: list[dict]) -> tuple[list[dict], dict]:
