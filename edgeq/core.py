@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 MANIFEST_SCHEMA = "edgeq.manifest/1"
@@ -459,10 +459,42 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
     run = manifest.pop("run", None)
     if run is not None and not isinstance(run, dict):
         raise EdgeqError(f"{path}: not an edgeq manifest (its run section is not an object)")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise EdgeqError(f"{path}: not an edgeq manifest ({problem})")
     try:  # the in-memory view: volatile values back in place (readers see one record per artifact)
         return merge_volatile(manifest, run)
     except (KeyError, TypeError, AttributeError):
         raise EdgeqError(f"{path}: not an edgeq manifest (its run section does not match the rest)") from None
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of manifest `m` that inspect, report, publish, generate and
+    bench read (None: nothing). A hand-edited or truncated-and-patched manifest is refused here in
+    one line, not met as a KeyError deep inside a command."""
+    for key in ("tool", "model", "target", "config"):
+        if not isinstance(m.get(key), dict):
+            return f"its {key} section is missing or not an object"
+    for key, ids in (("stages", ("stage",)), ("artifacts", ("name", "path")), ("files", ("path", "sha256"))):
+        items = m.get(key)
+        if not isinstance(items, list) or (key != "stages" and not items):
+            return f"its {key} section is missing or not a list"
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in ids):
+                return f"{key}[{i}] is not an object with {' and '.join(ids)}"
+            if "path" in ids and not _inside(item["path"]):
+                return f"{key}[{i}] has path {item['path']!r} outside the build"
+            for sub in ("metrics", "settings", "recipe", "formats"):
+                if sub in item and not isinstance(item[sub], dict):
+                    return f"{key}[{i}].{sub} is not an object"
+        if key == "files" and not all(isinstance(f.get("size_bytes"), int) for f in items):
+            return "a files entry has no size_bytes"
+    return None
+
+
+def _inside(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts and "\\" not in rel
 
 
 def update_manifest(build_dir: Path, section: str, key: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -427,3 +427,51 @@ def test_a_kill_between_the_handover_renames_never_leaves_neither_build(tiny_bui
     (root / ".x86_64.partial" / ".checkpoints").mkdir(parents=True)
     _recover_handover(root / "x86_64")
     assert not (root / "x86_64").exists()
+
+
+MANIFEST_DAMAGE = {
+    "artifacts not a list": (lambda m: m.__setitem__("artifacts", {"a": 1}), "its artifacts section is missing or not a list"),
+    "artifact without path": (lambda m: [a.pop("path") for a in m["artifacts"]], "artifacts[0] is not an object with name and path"),
+    "artifact a string": (lambda m: m.__setitem__("artifacts", ["x"]), "artifacts[0] is not an object with name and path"),
+    "stages an object": (lambda m: m.__setitem__("stages", {"x": 1}), "its stages section is missing or not a list"),
+    "files a string": (lambda m: m.__setitem__("files", "x"), "its files section is missing or not a list"),
+    "file without sha256": (lambda m: [f.pop("sha256") for f in m["files"]], "files[0] is not an object with path and sha256"),
+    "no model section": (lambda m: m.__setitem__("model", 3), "its model section is missing or not an object"),
+    "no target section": (lambda m: m.pop("target"), "its target section is missing or not an object"),
+    "no tool section": (lambda m: m.pop("tool"), "its tool section is missing or not an object"),
+    "path outside": (lambda m: m["artifacts"][0].__setitem__("path", "../../etc/passwd"),
+                     "artifacts[0] has path '../../etc/passwd' outside the build"),
+    "metrics a string": (lambda m: m["artifacts"][0].__setitem__("metrics", "x"), "artifacts[0].metrics is not an object"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MANIFEST_DAMAGE))
+def test_damaged_manifest_is_one_line_exit_2_for_every_reader(tiny_build, tmp_path, damage, capsys, monkeypatch):
+    """A hand-edited manifest (valid JSON, right schema, wrong shape) made inspect, publish and
+    report fail with an internal error (exit 1, a KeyError or TypeError); each now says what is
+    wrong, in one line, exit 2, and writes nothing."""
+    import signal as _signal
+
+    from edgeq.cli import main
+
+    change, message = MANIFEST_DAMAGE[damage]
+    d = tmp_path / "build"
+    shutil.copytree(tiny_build["build_dir"], d)
+    m = json.loads((d / "manifest.json").read_text())
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    handlers = {s: _signal.getsignal(s) for s in (_signal.SIGTERM, _signal.SIGINT)}
+    try:
+        for args in (["inspect", str(d)], ["inspect", str(d), "--json"],
+                     ["publish", str(d), "--to", str(tmp_path / "b.tar.gz")],
+                     ["report", str(d), "-o", str(tmp_path / "rep")], ["generate", str(d), "hi"]):
+            monkeypatch.setattr(sys, "argv", ["edgeq", *args])
+            with pytest.raises(SystemExit) as e:
+                main()
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2, (args, err)
+            assert err == [f"edgeq: error: {d / 'manifest.json'}: not an edgeq manifest ({message})"], (args, err)
+    finally:
+        for s, h in handlers.items():
+            _signal.signal(s, h)
+    assert not (tmp_path / "b.tar.gz").exists() and not (tmp_path / "rep").exists()
