@@ -235,6 +235,9 @@ def read_npz(path: Path, input_names: list[str], what: str = "calibration",
         a = arrays[n]
         if a.ndim == 0:
             raise EdgeqError(f"{what} file {path.name}: '{n}' is a scalar; the first axis must count samples")
+        if a.ndim > 1 and 0 in a.shape[1:]:  # ORT fails on these with an out-of-bounds Gather, at best
+            raise EdgeqError(f"{what} file {path.name}: '{n}' has shape {list(a.shape)}: every sample needs "
+                             "at least one element on each axis (a zero-length sequence?)")
         spec = (specs or {}).get(n)
         if spec and a.dtype.name != spec["dtype"]:
             raise EdgeqError(f"{what} file {path.name}: '{n}' is {a.dtype.name}, the model takes {spec['dtype']}")

@@ -5,6 +5,8 @@ build starts) and by the export stage (which reads the model).
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import platform
@@ -208,6 +210,49 @@ def check_onnx(path: Path) -> None:
     except Exception as e:  # onnx raises ValidationError, DecodeError, OSError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeqError(f"{path} is not a valid ONNX model: {first}") from None
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    top = onnxruntime_max_opset()
+    if opset is not None and top is not None and opset > top:
+        import onnxruntime
+
+        raise EdgeqError(f"{path.name} uses ONNX opset {opset}; onnxruntime {onnxruntime.__version__} runs opsets up "
+                         f"to {top}: re-export with a lower opset (or onnx.version_converter.convert_version)")
+    outs = list(proto.graph.output)
+    if outs and all(o.type.tensor_type.HasField("shape") and not o.type.tensor_type.shape.dim for o in outs):
+        raise EdgeqError(f"{path.name}: every output is a scalar ({', '.join(o.name for o in outs)}); edgeq compares "
+                         "outputs per sample (first axis = batch): export the per-sample output")
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_max_opset() -> int | None:
+    """The highest ai.onnx opset this onnxruntime loads, found by loading a one-node model (ORT has
+    no API that says it; loading a model of a newer opset fails only inside the session, at the
+    calibrate or evaluate stage, with ORT's C++ error)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+
+    def loads(v: int) -> bool:
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", v)])
+        m.ir_version = 8
+        try:
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return True
+        except Exception:
+            return False
+
+    top = onnx.defs.onnx_opset_version() + 10
+    if not loads(7):
+        return None
+    while not loads(top):
+        top -= 1
+    return top
 
 
 def _fixed_nbytes(tensor) -> int | None:

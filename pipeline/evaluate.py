@@ -45,6 +45,9 @@ def run(ctx: BuildContext) -> StageResult:
             except Exception as e:  # the evaluation data does not fit the model
                 raise EdgeqError(f"{a.path} fails on evaluation data {ctx.config.evaluation.path}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
+            if o.ndim == 0:  # a per-sample comparison needs a batch axis
+                raise EdgeqError(f"{a.path}: the evaluated output {ctx.model.primary_output or 'the first'} is a "
+                                 "scalar: pass --output with a per-sample output")
             if not np.isfinite(o).all():  # every metric would be NaN, and NaN compares as passing nothing
                 raise EdgeqError(_non_finite(a.name, ctx.config.evaluation.path))
             pools.append(pooled(o, mask))

@@ -285,3 +285,40 @@ def test_a_full_disk_is_a_user_error_not_an_internal_one(monkeypatch, capsys, tm
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("edgeq: error: No space left on device") and "internal" not in err
+
+
+def test_bad_onnx_and_data_shapes_are_user_errors(tiny_build, tmp_path):
+    """Found by bad-input probing (issue 17, part 5): each of these was exit 1 with ORT's C++ error
+    or a Python IndexError; now one line, exit 2, and nothing complete is left."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", T.FLOAT, ["b", 4])
+    w = helper.make_tensor("w", T.FLOAT, [4, 4], np.ones(16, np.float32).tolist())
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).random((8, 4), np.float32))
+    scalar = tmp_path / "scalar.onnx"  # every output a scalar: no per-sample comparison possible
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("ReduceSum", ["h"], ["y"], keepdims=0)],
+        "g", [x], [helper.make_tensor_value_info("y", T.FLOAT, [])], [w]),
+        opset_imports=[helper.make_opsetid("", 17)]), str(scalar))
+    r = edgeq("build", str(scalar), "--calib", str(data), "--eval", str(data), "-o", str(tmp_path / "o1"))
+    assert_user_error(r, "scalar.onnx: every output is a scalar (y)", out=tmp_path / "o1")
+    future = tmp_path / "future.onnx"  # an opset newer than the installed onnxruntime runs
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm")], "g", [x],
+                                            [helper.make_tensor_value_info("h", T.FLOAT, ["b", 4])], [w]),
+                          opset_imports=[helper.make_opsetid("", 40)])
+    m.ir_version = 10
+    onnx.save(m, str(future))
+    r = edgeq("build", str(future), "--calib", str(data), "--eval", str(data), "-o", str(tmp_path / "o2"))
+    assert_user_error(r, "future.onnx uses ONNX opset 40; onnxruntime", out=tmp_path / "o2")
+    # a zero-length sequence axis: ORT's out-of-bounds Gather deep inside the model, before
+    src = Path(tiny_build["build_dir"]) / "model.fp32.onnx"
+    z = dict(np.load(Path(tiny_build["build_dir"]) / "work/bench_inputs.npz"))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, **{k: np.repeat(v[:, :0], 4, axis=0) for k, v in z.items()})
+    r = edgeq("build", str(src), "--calib", str(empty), "--eval", str(empty), "-o", str(tmp_path / "o3"))
+    assert_user_error(r, "'input_ids' has shape [4, 0]: every sample needs at least one element", progress_allowed=True,
+                      out=tmp_path / "o3")
