@@ -58,6 +58,16 @@ class _Source:
     def bench_inputs(self, batch: int, seq_len: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _calibration_texts(self) -> list[str]:
+        """The calibration texts, as calibration reads them (--calib-samples of them)."""
+        cal = self.config.calibration
+        return read_texts(Path(cal.path), limit=cal.samples, text_field=cal.text_field)
+
+    def _held_out_text(self) -> str:
+        """Held-out text concatenated, for benchmark inputs of real tokens (no padding)."""
+        path = Path(self.config.evaluation.path)
+        return " ".join(read_eval_set(path, limit=200, text_field=self.config.calibration.text_field).texts)
+
     @staticmethod
     def batches(samples: dict[str, np.ndarray], batch_size: int):
         """Feeds of `batch_size` rows at a time."""
@@ -93,7 +103,7 @@ class TextData(_Source):
             share = npz_calibration_share(_rows(arrays), shared=self.config.evaluation.path == str(path))[0]
             return {k: v[share][:cal.samples] for k, v in arrays.items()}
         self._need_tokenizer("calibration")
-        return read_texts(path, limit=cal.samples, text_field=cal.text_field)
+        return self._calibration_texts()
 
     def batches(self, samples, batch_size: int):
         if isinstance(samples, dict):
@@ -110,10 +120,9 @@ class TextData(_Source):
 
     def calibration_texts(self) -> set[str]:
         """The calibration texts (none when the calibration data is tensors)."""
-        cal = self.config.calibration
-        if Path(cal.path).suffix.lower() == ".npz":
+        if Path(self.config.calibration.path).suffix.lower() == ".npz":
             return set()
-        return set(read_texts(Path(cal.path), limit=cal.samples, text_field=cal.text_field))
+        return set(self._calibration_texts())
 
     def evaluation(self) -> tuple[list[Sample], int, EvalSet | None]:
         """(samples, how many were left out as calibration samples, the labelled set or None).
@@ -126,9 +135,9 @@ class TextData(_Source):
             arrays = read_npz(path, self.model.input_names, what="evaluation", specs=self.model.input_specs)
             n = _rows(arrays)
             shared = self.config.calibration.path == str(path)
-            held = range(n)[npz_calibration_share(n, shared)[1]]
-            removed = n - len(held)  # the samples calibration used
-            return [Sample({k: v[i:i + 1] for k, v in arrays.items()}, None) for i in held[: cfg.samples]], removed, None
+            held = npz_calibration_share(n, shared)[1]
+            removed = n - len(range(n)[held])  # the samples calibration used
+            return self.singles({k: v[held] for k, v in arrays.items()}, cfg.samples), removed, None
         self._need_tokenizer("evaluation")
         exclude = self.calibration_texts()
         n = eval_count(cfg.samples, path)
@@ -160,8 +169,7 @@ class TextData(_Source):
         if eval_path.suffix.lower() == ".npz":
             arrays = read_npz(eval_path, self.model.input_names, what="evaluation", specs=self.model.input_specs)
             return {k: np.repeat(v[:1], batch, axis=0) for k, v in arrays.items()}
-        text = " ".join(read_eval_set(eval_path, limit=200, text_field=self.config.calibration.text_field).texts)
-        feeds = self._feeds(seq_len)([text], pad_to=seq_len).feeds
+        feeds = self._feeds(seq_len)([self._held_out_text()], pad_to=seq_len).feeds
         return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
 
 
@@ -209,24 +217,26 @@ class LMData(_Source):
         return out
 
     def calibration_rows(self) -> list[np.ndarray]:
-        cal = self.config.calibration
-        rows = self.rows(read_texts(Path(cal.path), limit=cal.samples, text_field=cal.text_field))
+        rows = self.rows(self._calibration_texts())
         if not rows:
-            raise EdgeqError(f"no calibration text in {cal.path} is 2 tokens or longer")
+            raise EdgeqError(f"no calibration text in {self.config.calibration.path} is 2 tokens or longer")
         return rows
 
     def evaluation_rows(self) -> list[np.ndarray]:
+        """Held-out rows: never a calibration text (the smoothing statistics were measured on them),
+        also when --calib and --eval name the same file."""
         path = Path(self.config.evaluation.path)
-        texts = read_eval_set(path, limit=eval_count(self.config.evaluation.samples, path),
-                              text_field=self.config.calibration.text_field).texts
-        rows = self.rows(texts)
+        exclude = set(self._calibration_texts())
+        n = eval_count(self.config.evaluation.samples, path)
+        texts = [t for t in read_eval_set(path, limit=None if n is None else n + len(exclude),
+                                          text_field=self.config.calibration.text_field).texts if t not in exclude]
+        rows = self.rows(texts[:n] if n is not None else texts)
         if not rows:
-            raise EdgeqError(f"evaluation file {path}: no sample has the 2 tokens a next-token prediction needs")
+            raise EdgeqError(f"evaluation file {path}: no sample that is not also a calibration text has the 2 "
+                             "tokens a next-token prediction needs")
         return rows
 
     def bench_inputs(self, batch: int, seq_len: int) -> dict[str, np.ndarray]:
         """The prompt: `seq_len` real tokens of held-out text; the runner generates the rest."""
-        eval_path = Path(self.config.evaluation.path)
-        text = " ".join(read_eval_set(eval_path, limit=200, text_field=self.config.calibration.text_field).texts)
-        ids = self.tokenizer(text, truncation=True, max_length=seq_len, return_tensors="np")["input_ids"]
+        ids = self.tokenizer(self._held_out_text(), truncation=True, max_length=seq_len, return_tensors="np")["input_ids"]
         return {"input_ids": np.repeat(ids.astype(np.int64), batch, axis=0)}
