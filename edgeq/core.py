@@ -330,23 +330,34 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
-                            "cpu_count": os.cpu_count()}
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo; empty where there is none. ARM Linux
+    names the flags "Features"."""
+    model, flags = "", None
     try:
-        flags = ""
-        model = ""
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and not model:
                     model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1]
-        info["cpu"] = model
-        info["cpu_features"] = sorted({x for x in flags.split() if x in {
-            "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c"}})
+                if line.startswith(("flags", "Features")) and flags is None:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model, flags or set()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo has none)."""
+    return _cpuinfo()[1]
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count()}
+    if os.path.exists("/proc/cpuinfo"):
+        model, flags = _cpuinfo()
+        info["cpu"] = model
+        info["cpu_features"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c"})
     return info
 
 

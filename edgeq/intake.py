@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from edgeq.core import EdgeqError, external_location, model_tensors, read_json_object
+from edgeq.core import EdgeqError, cpu_flags, external_location, model_tensors, read_json_object
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
@@ -32,18 +32,6 @@ def default_model_dir() -> Path:
 # x86 CPU features with an int8 dot product that accumulates u8 x s8 into int32 without int16
 # saturation: what the x86_64-vnni profile (full-range weights, no reduce_range) is for
 VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this machine (/proc/cpuinfo; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def host_target(machine: str | None = None, flags: set[str] | None = None) -> tuple[str, str]:
