@@ -290,7 +290,8 @@ def test_publish_refuses_paths_that_escape_the_build(two_builds, tmp_path):
         m = json.loads(original)
         m["files"].append({"path": bad, "sha256": sha(secret), "size_bytes": 6})
         manifest_path.write_text(json.dumps(m))
-        assert "leaves its directory" in one_line_error(edgeq("publish", build, "--to", tmp_path / "o.tar.gz"))
+        # refused when the manifest is read (core._manifest_problem), before publish looks at a file
+        assert f"has path {bad!r} outside the build" in one_line_error(edgeq("publish", build, "--to", tmp_path / "o.tar.gz"))
     # a shipped file replaced by a symlink to a file outside
     manifest_path.write_text(original)
     (build / "config.json").unlink()

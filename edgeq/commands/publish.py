@@ -207,8 +207,7 @@ def verify(bundle: Path) -> dict[str, Any]:
     if SUMS not in files:
         raise EdgeqError(f"{bundle}: not an edgeq bundle (no {SUMS})")
     listed = {}
-    with files[SUMS]() as f:
-        sums_text = f.read(1 << 24).decode("utf-8", errors="replace")  # a listing, not data: 16 MB is plenty
+    sums_text = files[SUMS].read()[:1 << 24].decode("utf-8", errors="replace")  # a listing, not data: 16 MB is plenty
     for n, line in enumerate(sums_text.splitlines(), 1):
         m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
         if not m:
@@ -223,13 +222,12 @@ def verify(bundle: Path) -> dict[str, Any]:
     for rel, want in sorted(listed.items()):
         if rel not in files:
             problems.append(f"missing: {rel}")
-        elif _sha256_of(files[rel]) != want:
+        elif files[rel].sha256() != want:
             problems.append(f"checksum mismatch: {rel}")
     problems += [f"not in {SUMS}: {rel}" for rel in sorted(set(files) - set(listed) - {SUMS})]
     if "manifest.json" in files and not problems:
         try:
-            with files["manifest.json"]() as f:
-                man = json.loads(f.read())
+            man = json.loads(files["manifest.json"].read())
             for rec in man.get("files", []):
                 rel = rec.get("path", "")
                 if rel in listed and listed[rel] != rec.get("sha256"):
@@ -239,49 +237,69 @@ def verify(bundle: Path) -> dict[str, Any]:
     return {"bundle": str(bundle), "ok": not problems, "files": len(listed), "problems": problems}
 
 
-def _tar_members(path: Path) -> dict[str, Any]:
-    """{name below the top folder: reader} of a tarball's regular files; anything that could write
-    outside a folder if extracted (absolute names, .., links, devices) is refused."""
+_KEPT = 1 << 26  # bytes of SHA256SUMS and manifest.json kept from a tarball's one pass (listings, not data)
+
+
+class _Member:
+    """A bundle file as verify reads it: its sha256 and (for the two listings) its bytes."""
+
+    def __init__(self, sha256: str | None = None, data: bytes | None = None, path: Path | None = None):
+        self._sha256, self._data, self._path = sha256, data, path
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            with open(self._path, "rb") as f:
+                self._sha256 = _sha256_stream(f)
+        return self._sha256
+
+    def read(self) -> bytes:
+        if self._data is None:
+            with open(self._path, "rb") as f:
+                return f.read(_KEPT)
+        return self._data
+
+
+def _tar_members(path: Path) -> dict[str, _Member]:
+    """{name below the top folder: member} of a tarball's regular files, read in one streaming
+    pass: each file hashed as it goes by, then the compressed stream read to its end (gzip checks
+    its CRC and length trailer only there, and tarfile stops before it). Anything that could write
+    outside a folder if extracted (absolute names, .., links, devices, setuid) is refused."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    tops, out = set(), {}
     try:
-        _check_gzip(path)
-        tar = tarfile.open(path, mode="r:*")
-        members = tar.getmembers()
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as raw, tarfile.open(fileobj=raw, mode="r|" if gz else "r|*") as tar:
+            for m in tar:
+                name = m.name
+                parts = name.split("/")
+                if name.startswith("/") or ".." in parts or "\\" in name or not name:
+                    raise EdgeqError(f"{path}: entry {name!r} leaves the bundle directory")
+                if not (m.isfile() or m.isdir()):
+                    raise EdgeqError(f"{path}: entry {name!r} is a link or special file; bundles hold regular files only")
+                if m.mode & 0o6000:
+                    raise EdgeqError(f"{path}: entry {name!r} is setuid/setgid; bundles hold plain files only")
+                tops.add(parts[0])
+                if m.isfile():
+                    rel = "/".join(parts[1:])
+                    if not rel:
+                        raise EdgeqError(f"{path}: file {name!r} is outside the bundle folder")
+                    f = tar.extractfile(m)
+                    if rel in (SUMS, "manifest.json"):
+                        data = f.read(_KEPT)
+                        out[rel] = _Member(hashlib.sha256(data).hexdigest() if len(data) < _KEPT else None, data)
+                    else:
+                        out[rel] = _Member(_sha256_stream(f))
+            while raw.read(1 << 20):  # to the end of the stream: the gzip trailer is checked there
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise EdgeqError(f"{path}: not a readable tar archive ({' '.join(str(e).split()) or type(e).__name__})") from None
-    tops, out = set(), {}
-    for m in members:
-        name = m.name
-        parts = name.split("/")
-        if name.startswith("/") or ".." in parts or "\\" in name or not name:
-            raise EdgeqError(f"{path}: entry {name!r} leaves the bundle directory")
-        if not (m.isfile() or m.isdir()):
-            raise EdgeqError(f"{path}: entry {name!r} is a link or special file; bundles hold regular files only")
-        if m.mode & 0o6000:
-            raise EdgeqError(f"{path}: entry {name!r} is setuid/setgid; bundles hold plain files only")
-        tops.add(parts[0])
-        if m.isfile():
-            rel = "/".join(parts[1:])
-            if not rel:
-                raise EdgeqError(f"{path}: file {name!r} is outside the bundle folder")
-            out[rel] = (lambda m=m: tar.extractfile(m))
     if len(tops) > 1:
         raise EdgeqError(f"{path}: more than one top-level folder ({', '.join(sorted(tops)[:3])})")
     return out
 
 
-def _check_gzip(path: Path) -> None:
-    """A gzip-compressed tarball decompressed to its end, in chunks: its CRC and length trailer is
-    only checked there, and tarfile stops reading before it."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return
-    with gzip.open(path, "rb") as z:
-        while z.read(1 << 20):
-            pass
-
-
 def _dir_members(path: Path) -> dict[str, Any]:
-    """{relative name: opener} of a folder's regular files; links, FIFOs, devices, sockets and
+    """{relative name: member} of a folder's regular files; links, FIFOs, devices, sockets and
     setuid/setgid files are refused (a bundle holds plain files only)."""
     import stat
 
@@ -297,14 +315,13 @@ def _dir_members(path: Path) -> dict[str, Any]:
             raise EdgeqError(f"{path}: {rel} is a FIFO, socket or device; bundles hold regular files only")
         if mode & 0o6000:
             raise EdgeqError(f"{path}: {rel} is setuid/setgid; bundles hold plain files only")
-        out[rel] = (lambda f=f: open(f, "rb"))
+        out[rel] = _Member(path=f)
     return out
 
 
-def _sha256_of(opener) -> str:
+def _sha256_stream(f) -> str:
     """sha256 of a member, read in chunks (a bundle's models can be larger than memory allows)."""
     h = hashlib.sha256()
-    with opener() as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    while block := f.read(1 << 20):
+        h.update(block)
     return h.hexdigest()
