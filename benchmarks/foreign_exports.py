@@ -1,6 +1,6 @@
 """edgeq on ONNX it did not export: all-MiniLM-L6-v2 with the sentence-transformers pooling and L2
 normalisation inside the graph (four outputs), exported by torch.onnx with TorchScript at opsets 14,
-16 and 18 and with dynamo (which writes opset 18), node names replaced by generic ones
+16, 17 and 18 and with dynamo (which writes opset 18), node names replaced by generic ones
 (tests/foreign_exports.py). Each is built with static, dynamic and hybrid int8 and the table says
 what optimize found (fusions, shape inference, types filled in), which output was evaluated and
 each artifact's fidelity and speed (interleaved with fp32 in each build's own benchmark run).
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-VARIANTS = [("torchscript", 14), ("torchscript", 16), ("torchscript", 18), ("dynamo", 18)]
+VARIANTS = [("torchscript", 14), ("torchscript", 16), ("torchscript", 17), ("torchscript", 18), ("dynamo", 18)]
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from edgeq.pipeline.ops.outputs import primary_output
 # it (onnx's version converter fails on this graph's Reduce ops), so its row is opset 18.
 # TorchScript at 18 is the case the issue reported: ORT's BERT fusions work, symbolic shape
 # inference fails on the normalisation's Expand, and ONNX's inference cannot type the fused ops.
-VARIANTS = [("torchscript", 14, "generic"), ("torchscript", 16, "none"), ("torchscript", 18, "generic"),
-            ("dynamo", 18, "generic")]
+VARIANTS = [("torchscript", 14, "generic"), ("torchscript", 16, "none"), ("torchscript", 17, "generic"),
+            ("torchscript", 18, "generic"), ("dynamo", 18, "generic")]
 
 
 def _export(src: Path, dst: Path, exporter: str, opset: int, names: str) -> Path:
