@@ -153,9 +153,12 @@ def validate(model_dir: Path, onnx_path: Path, tokenizer, texts: list[str], trus
             "greedy_match": all(g["match"] for g in greedy)}
 
 
-def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, n, label: x) -> dict[str, dict]:
+def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, n, label: x,
+             prompts: list[np.ndarray] = (), new_tokens: int = GREEDY_TOKENS) -> dict[str, dict]:
     """Perplexity of every model on the token rows, and its agreement with fp32's next-token
-    predictions: top-1 agreement and the cosine of the logit vectors, over every position."""
+    predictions: top-1 agreement and the cosine of the logit vectors, over every position. With
+    `prompts` (token rows), also greedy generation: each model decodes `new_tokens` tokens from each
+    prompt with its cache, and how many of fp32's it reproduces before the first difference."""
     from edgeq.pipeline.runners.lm_runtime import KVModel, next_token_nll
     from edgeq.metrics import row_cosine
 
@@ -177,7 +180,15 @@ def evaluate(paths: dict[str, Path], batches: list[np.ndarray], track=lambda x, 
                 agree += int((top == ref_top[k]).sum())
                 cos.append(row_cosine(ref_logits[k], logits))
         positions = sum(len(t) for t in ref_top)
-        out[name] = {"perplexity": float(np.exp(nll / tokens)), "tokens": tokens,
+        greedy = [lm.generate(p, new_tokens)[0][0].tolist() for p in prompts]
+        if name == "fp32":
+            ref_greedy = greedy
+        same = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))
+                for g, r in zip(greedy, ref_greedy)]
+        out[name] = {**({"greedy_vs_fp32": {"prompts": len(prompts), "tokens": new_tokens,
+                                            "matching_prefix": same, "identical": sum(g == r for g, r in
+                                                                                      zip(greedy, ref_greedy))}}
+                        if prompts else {}),"perplexity": float(np.exp(nll / tokens)), "tokens": tokens,
                      "top1_agreement": 1.0 if name == "fp32" else agree / positions,
                      "cosine": 1.0 if name == "fp32" else float(np.concatenate(cos).mean()),
                      "cosine_min": 1.0 if name == "fp32" else float(np.concatenate(cos).min())}

@@ -316,7 +316,7 @@ def _one_line(text: str, limit: int = 400) -> str:
 @cli.command()
 @click.argument("artifact_dir")
 @click.argument("prompt")
-@click.option("--artifact", "-a", help="Which model of the build (default: int4, else int8-dynamic, else fp32).")
+@click.option("--artifact", "-a", help="Which model of the build (default: int4 (the first int4-<algo> of several), else nf4, else int8-dynamic, else fp32).")
 @click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (instruct models).")
 @click.option("--threads", type=int, default=0, help="Intra-op threads (0: all cores).")

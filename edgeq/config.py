@@ -29,7 +29,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 LM_MODES = ("dynamic", "int4")  # what a causal LM is built as (its activations get no static ranges)
+LM_ALLOWED = LM_MODES + ("nf4",)  # nf4 on request
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# --int4-algo: how int4 weights are chosen (pipeline/ops/int4.py, pipeline/ops/weight_only.py)
+INT4_ALGOS = ("rtn", "gptq", "awq", "hqq", "kquant", "gguf")
+# --int4-symmetric/--int4-asymmetric unset: each algorithm's grid as measured best on SmolLM2-135M
+# (README, "Weight-only int4 methods"); hqq and kquant choose their own (float) offsets, gguf
+# carries the file's grids over.
+INT4_SYMMETRIC = {"rtn": True, "gptq": False, "awq": False, "hqq": False, "kquant": False, "gguf": True}
+# the default for a float checkpoint: the algorithm measured best (README's method table)
+INT4_DEFAULT_FLOAT = "gptq"
 
 
 def _at_least(label: str, value, lo) -> None:
@@ -105,15 +114,34 @@ class Vision:
 @dataclass(frozen=True)
 class Int4:
     block_size: int
-    symmetric: bool
+    symmetric: bool | None  # None: each algorithm's own (INT4_SYMMETRIC)
     accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations, 0 = as the input
     embeddings: bool  # the token embedding table too (GatherBlockQuantized)
+    algorithms: tuple[str, ...] = ("rtn",)  # one int4 artifact each
+    # the output projection (LM head) at 8 bits: a small LM's logits are what 4 bits hurt most
+    # (measured in the README); llama.cpp's k-quant mixes likewise keep output.weight wider
+    head_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
-            raise EdgeqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+            raise EdgeqError(f"--block-size must be a power of two from 16 to 256 ({', '.join(map(str, BLOCK_SIZES))}), "
+                             f"got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise EdgeqError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        if not self.algorithms:
+            raise EdgeqError("--int4-algo needs at least one algorithm")
+        for a in self.algorithms:
+            if a not in INT4_ALGOS:
+                raise EdgeqError(f"unknown --int4-algo {a!r} (choose from: {', '.join(INT4_ALGOS)})")
+        if self.head_bits not in (4, 8):
+            raise EdgeqError(f"int4 head_bits must be 4 or 8, got {self.head_bits}")
+
+    def symmetric_for(self, algo: str) -> bool:
+        return INT4_SYMMETRIC[algo] if self.symmetric is None else self.symmetric
+
+    def artifact(self, algo: str) -> str:
+        """The artifact's name: `int4` for a build of one algorithm, `int4-<algo>` for several."""
+        return "int4" if len(self.algorithms) == 1 else f"int4-{algo}"
 
 
 @dataclass(frozen=True)
@@ -209,7 +237,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    input_shape: tuple[int, ...] | None = None, preprocess: str | None = None,
                    min_speedup: float | None = None, max_size_mb: float | None = None,
                    trust_remote_code: bool = False, allow_pickle: bool = False,
-                   output: str | None = None) -> BuildConfig:
+                   output: str | None = None, int4_algos: tuple[str, ...] = (),
+                   int4_symmetric: bool | None = None) -> BuildConfig:
     """Check every user input before anything is written; return the fully resolved config.
 
     The model, the data and the target are checked here (files exist, parse, fit the model); the
@@ -249,12 +278,32 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
     if family == "causal-lm":
         modes = tuple(modes) or LM_MODES
-        wrong = [m for m in modes if m not in LM_MODES]
+        wrong = [m for m in modes if m not in LM_ALLOWED]
         if wrong:
             raise EdgeqError(f"mode {', '.join(wrong)} is not built for causal language models "
-                             f"(they get {' and '.join(LM_MODES)}: a decoder's activation ranges are not calibrated)")
-    int4 = Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True) \
-        if family == "causal-lm" or "int4" in modes else None
+                             f"(they get {', '.join(LM_ALLOWED)}: a decoder's activation ranges are not calibrated)")
+    algos = tuple(dict.fromkeys(a.strip().lower() for v in int4_algos for a in v.split(",") if a.strip()))
+    if int4_algos and not algos:
+        raise EdgeqError(f"--int4-algo needs an algorithm (choose from: {', '.join(INT4_ALGOS)})")
+    if (algos or int4_symmetric is not None) and "int4" not in (tuple(modes) or profile.modes):
+        raise EdgeqError("--int4-algo and --int4-symmetric/--int4-asymmetric choose how --mode int4 is made; "
+                         "this build makes no int4 artifact (add --mode int4)")
+    if not algos:
+        algos = ("gguf",) if kind == "gguf" else (INT4_DEFAULT_FLOAT,) if family == "causal-lm" else ("rtn",)
+    if "gguf" in algos and kind != "gguf":
+        raise EdgeqError("--int4-algo gguf repacks a GGUF file's own quantized weights; "
+                         f"{model_path.name} is not a .gguf file (choose from: {', '.join(a for a in INT4_ALGOS if a != 'gguf')})")
+    calibrated = [a for a in algos if a in ("gptq", "awq")]
+    if calibrated and family != "causal-lm":
+        raise EdgeqError(f"--int4-algo {calibrated[0]} is for causal language models (it calibrates on "
+                         "generated prompts); an encoder's int4 is rtn, hqq or kquant")
+    if "nf4" in modes:
+        primary = profile.execution_providers[0]
+        if primary not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            raise EdgeqError(f"--mode nf4: ONNX Runtime has MatMulBnb4 kernels only on the CPU and CUDA EPs; target "
+                             f"{profile.name} runs on {primary}, where it would fall back to the CPU (use --mode int4)")
+    int4 = Int4(block_size=block_size, symmetric=int4_symmetric, accuracy_level=accuracy_level, embeddings=True,
+                algorithms=algos) if family == "causal-lm" or "int4" in modes or "nf4" in modes else None
     # --max-accuracy-drop is the hybrid search's budget and a gate; a causal LM gets no hybrid artifact,
     # only the gate (on perplexity, relative to fp32's)
     hybrid_wanted = max_accuracy_drop is not None and family != "causal-lm"
@@ -338,8 +387,9 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         calibration=calibration, evaluation=evaluation, benchmark=benchmark, gates=gates, out=str(out_dir),
         vision=Vision(input_shape=list(input_shape) if input_shape else None, preprocess=preprocess_given,
                       eval_is_calibration_folder=eval_file == calib_file) if family == "vision" else None,
-        int4=(int4 or Int4(block_size=block_size, symmetric=True, accuracy_level=accuracy_level, embeddings=True))
-        if "int4" in modes else None,
+        int4=(int4 or Int4(block_size=block_size, symmetric=int4_symmetric, accuracy_level=accuracy_level,
+                           embeddings=True, algorithms=algos))
+        if "int4" in modes or "nf4" in modes else None,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, target_reason=target_reason, output=output,
         options={
             "model": given_model if given_model is None else str(model_path) if kind != "module" else model,
@@ -353,6 +403,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             "max_length": max_length, "batch_size": batch_size, "fp16_io": fp16_io,
             "max_accuracy_drop": gate_accuracy, "budget_metric": budget_metric, "block_size": block_size,
             "accuracy_level": accuracy_level, "new_tokens": new_tokens,
+            **({"int4_algos": list(int4_algos)} if int4_algos else {}),
+            **({"int4_symmetric": int4_symmetric} if int4_symmetric is not None else {}),
             "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
             "min_speedup": min_speedup, "max_size_mb": max_size_mb,
             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle,
@@ -369,8 +421,8 @@ BUILD_OPTIONS = [
                                         "from this CPU's features (x86_64-vnni with VNNI/AMX, x86_64, arm64), "
                                         "or $EDGEQ_TARGET."),
     click.option("--mode", "-m", "modes", multiple=True,
-                 help="static, dynamic (int8), fp16, hybrid, int4 (repeatable; default: the target's modes, "
-                      "dynamic and int4 for a causal LM)."),
+                 help="static, dynamic (int8), fp16, hybrid, int4, nf4 (4-bit NormalFloat, MatMulBnb4) "
+                      "(repeatable; default: the target's modes, dynamic and int4 for a causal LM)."),
     click.option("--calib", type=str, help="Calibration data: .txt (a sample per line), .jsonl or .npz. Default: "
                                            "bundled set."),
     click.option("--eval", "eval_path", type=str,
@@ -407,6 +459,13 @@ BUILD_OPTIONS = [
     click.option("--max-size-mb", type=float, help="Gate: an artifact's model file(s) at most this many MB."),
     click.option("--block-size", type=int, default=32, show_default=True,
                  help="int4: weights per quantization block (16, 32, 64, 128, 256)."),
+    click.option("--int4-algo", "int4_algos", multiple=True,
+                 help="int4: how the 4-bit weights are chosen: rtn, gptq, awq, hqq, kquant, gguf (the exact repack "
+                      "of a .gguf's own grids); repeatable or comma-separated, one artifact each (int4-<algo>). "
+                      "Default: gguf for a .gguf file, else gptq for a causal LM, rtn otherwise."),
+    click.option("--int4-symmetric/--int4-asymmetric", "int4_symmetric", default=None,
+                 help="int4: a symmetric grid (zero point 8) or a 4-bit zero point per block (default: each "
+                      "algorithm's best measured: symmetric for rtn, asymmetric for gptq and awq)."),
     click.option("--accuracy-level", type=int, default=4, show_default=True,
                  help="int4: MatMulNBits compute type (4: int8 activations, the fast CPU path; 0: as the input)."),
     click.option("--new-tokens", type=int, default=32, show_default=True,
@@ -436,8 +495,8 @@ def build_options(f):
 
 
 # file key -> parameter name of `edgeq build`, where they differ
-_KEY_TO_PARAM = {"eval": "eval_path", "mode": "modes"}
-_PARAM_TO_KEY = {"eval_path": "eval"}
+_KEY_TO_PARAM = {"eval": "eval_path", "mode": "modes", "int4_algo": "int4_algos"}
+_PARAM_TO_KEY = {"eval_path": "eval", "int4_algos": "int4_algo"}
 _NOT_IN_FILE = {"config_file"}
 PATH_KEYS = ("model", "calib", "eval", "tokenizer", "out", "target")
 HEADER = ("# edgeq build configuration: `edgeq build --config edgeq.toml` replays it; options given on the\n"

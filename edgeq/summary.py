@@ -37,23 +37,10 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 def summary_table(manifest: dict[str, Any]) -> str:
     task = next((a["metrics"]["task"]["metric"] for a in manifest["artifacts"] if "task" in a["metrics"]), None)
     lm = any("decode_tokens_per_s" in a["metrics"] for a in manifest["artifacts"])
-    cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"]) and not lm
-    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
-             *((task,) if task else ()),
-             *(("tok/s",) if lm else ()),
-             "prefill ms" if lm else "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
-    for a in manifest["artifacts"]:
-        m = a["metrics"]
-
-        def f(k, fmt):
-            return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
-        t = (f("top1_agreement", ".1%"),) if cls else ()
-        t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
-        t += (f("decode_tokens_per_s", ".1f"),) if lm else ()
-        rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
-                     f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
-                     f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
-                     f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
+    if lm:
+        rows = _lm_rows(manifest)
+    else:
+        rows = _rows(manifest, task)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -65,3 +52,47 @@ def summary_table(manifest: dict[str, Any]) -> str:
     eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
     notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
     return "\n".join([head, *lines, *chosen, *eps, *notes])
+
+
+def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
+    cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"])
+    rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
+             *((task,) if task else ()),
+             "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+
+        def f(k, fmt):
+            return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
+        t = (f("top1_agreement", ".1%"),) if cls else ()
+        t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
+        rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
+                     f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
+                     f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
+                     f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
+    return rows
+
+
+def _lm_rows(manifest: dict[str, Any]) -> list[tuple]:
+    """A causal LM's table: what the weight-only methods are compared on (size, perplexity and its
+    change, next-token and greedy agreement with fp32, decode and prefill speed, quantize seconds)."""
+    quant = next((s for s in manifest["stages"] if s["stage"] == "quantize"), {}).get("metrics") or {}
+    rows = [("artifact", "precision", "size MB", "size x", "perplexity", "ppl +%", "top1", "greedy", "tok/s",
+             "prefill ms", "speedup", "quant s", "RSS MB", "EP nodes")]
+    for a in manifest["artifacts"]:
+        m = a["metrics"]
+
+        def f(k, fmt):
+            return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
+        t = m.get("task") or {}
+        g = m.get("greedy_vs_fp32")
+        greedy = f"{sum(g['matching_prefix'])}/{g['prompts'] * g['tokens']}" if g else "-"
+        secs = (quant.get(a["name"]) or {}).get("quantize_seconds")
+        rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
+                     format(t["value"], ".3f") if "value" in t else "-",
+                     "-" if a["name"] == "fp32" or "relative_vs_fp32" not in t else f"{t['relative_vs_fp32']:+.1%}",
+                     f("top1_agreement", ".1%"), greedy, f("decode_tokens_per_s", ".1f"), f("latency_p50_ms", ".2f"),
+                     f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
+                     f"{secs:.0f}" if isinstance(secs, (int, float)) else "-",
+                     f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
+    return rows

@@ -40,7 +40,7 @@ STAGES = (
     # smoothed mode (dynamic int8 included)
     Stage("calibrate", needed_also=lambda ctx: bool({"static", "hybrid"} & set(ctx.config.modes))
           or ctx.smoothing.measured),
-    Stage("quantize", makes=("static", "dynamic", "int4")),
+    Stage("quantize", makes=("static", "dynamic", "int4", "nf4")),
     Stage("precision", makes=("fp16", "hybrid")),
     Stage("evaluate"),
     Stage("benchmark"),

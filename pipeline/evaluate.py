@@ -87,15 +87,22 @@ def _non_finite(name: str, data: str) -> str:
             "recipe breaks the model (try another --mode, --calib-method or target)")
 
 
+GREEDY_PROMPTS = 4  # evaluation rows whose first tokens prompt the greedy check
+
+
 def _causal_lm(ctx: BuildContext) -> StageResult:
     """Perplexity of every artifact on held-out text (each sample a row of at most --max-length
     tokens, one call with an empty cache), and agreement with fp32's next-token predictions."""
     from edgeq import causal_lm
 
     path = Path(ctx.config.evaluation.path)
-    rows = for_build(ctx).evaluation_rows()
+    data = for_build(ctx)
+    rows = data.evaluation_rows()
+    # greedy generation from the first prompts of the evaluation rows (their first 16 tokens at most)
+    prompts = [r[:, :16] for r in rows[:GREEDY_PROMPTS]]
     try:
-        results = causal_lm.evaluate({a.name: ctx.path(a.path) for a in ctx.artifacts}, rows, ctx.track)
+        results = causal_lm.evaluate({a.name: ctx.path(a.path) for a in ctx.artifacts}, rows, ctx.track,
+                                     prompts=prompts, new_tokens=causal_lm.GREEDY_TOKENS)
     except EdgeqError:
         raise
     except Exception as e:  # e.g. a sample longer than the model's positions
@@ -103,7 +110,7 @@ def _causal_lm(ctx: BuildContext) -> StageResult:
     ref = results["fp32"]["perplexity"]
     for a in ctx.artifacts:
         r = results[a.name]
-        a.metrics.update({k: r[k] for k in ("cosine", "cosine_min", "top1_agreement")})
+        a.metrics.update({k: r[k] for k in ("cosine", "cosine_min", "top1_agreement", "greedy_vs_fp32")})
         a.metrics["eval_samples"] = len(rows)
         a.metrics["task"] = {"metric": "perplexity", "value": round(r["perplexity"], 4),
                              "delta_vs_fp32": round(r["perplexity"] - ref, 4),
@@ -113,7 +120,10 @@ def _causal_lm(ctx: BuildContext) -> StageResult:
         settings={"data": str(path), "samples": len(rows), "max_length": ctx.config.max_length,
                   "reference": "fp32", "task": {"metric": "perplexity", "how": "exp(mean negative log-likelihood "
                   "of each next token), every sample a separate sequence"},
-                  "agreement": "top-1 next-token agreement and cosine of the logit vectors vs fp32, every position"},
+                  "agreement": "top-1 next-token agreement and cosine of the logit vectors vs fp32, every position",
+                  "greedy": f"greedy generation of {causal_lm.GREEDY_TOKENS} tokens from the first {len(prompts)} "
+                            "evaluation rows (16 tokens of each as the prompt): the tokens equal to fp32's before "
+                            "the first difference"},
         metrics={a.name: {"perplexity": results[a.name]["perplexity"], "top1_agreement": a.metrics["top1_agreement"]}
                  for a in ctx.artifacts},
     )

@@ -25,36 +25,96 @@ def run(ctx: BuildContext) -> StageResult:
     logging.getLogger().setLevel(logging.ERROR)
     for mode, make in MODES.items():
         if mode in ctx.config.modes:
-            settings[mode], metrics[mode] = make(ctx)  # each adds its artifact to ctx.artifacts
-            outputs.append(ctx.artifacts[-1].path)
+            before = len(ctx.artifacts)
+            made = make(ctx)  # adds its artifact(s) to ctx.artifacts
+            # (settings, metrics) of one artifact, or {artifact name: (settings, metrics)}
+            for key, (s, m) in ({mode: made} if isinstance(made, tuple) else made).items():
+                settings[key], metrics[key] = s, m
+            outputs += [a.path for a in ctx.artifacts[before:]]
     return StageResult(settings=settings, outputs=outputs, metrics=metrics)
 
 
-def _int4(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgeq.pipeline.ops.int4 import GGUF_BLOCK, quantize_int4, repack_gguf_grids
+INT4_HOW = {
+    "rtn": "round to nearest (onnxruntime.quantization.matmul_nbits_quantizer, DefaultWeightOnlyQuantConfig)",
+    "hqq": "HQQ, half-quadratic optimisation of scales and zero points, no data "
+           "(onnxruntime.quantization.matmul_nbits_quantizer, HQQWeightOnlyQuantConfig)",
+    "kquant": "k-quant, llama.cpp's per-block scale search (onnxruntime.quantization.matmul_nbits_quantizer, "
+              "KQuantWeightOnlyQuantConfig)",
+    "gptq": "GPTQ on the calibration text, act-order with static groups (edgeq.pipeline.ops.weight_only)",
+    "awq": "AWQ on the calibration text: activation-aware input scales folded into the norms and the MLP's "
+           "up-projection, then a per-block clipping search (edgeq.pipeline.ops.weight_only)",
+    "gguf": "the GGUF file's own Q4_1/Q8_0 grids repacked exactly (blocks of 32); weights off them rounded to nearest",
+}
+
+
+def _int4(ctx: BuildContext) -> dict[str, tuple[dict, dict]]:
+    """One artifact per --int4-algo: `int4` for one, `int4-<algo>` for several."""
+    import time
+
+    from edgeq.pipeline.ops.int4 import quantize_weights
 
     cfg = ctx.config.int4
-    out = ctx.path(Files.model("int4"))
-    src = ctx.path(Files.FP32)
-    repacked = {}
-    if ctx.model_kind == "gguf":  # weights still on the GGUF's own grids: carried over exactly
-        repacked = repack_gguf_grids(src, out, cfg.accuracy_level)
-        if repacked["q4_1_exact"] + repacked["q8_0_exact"]:
-            src = out
-    counts = quantize_int4(src, out, cfg.block_size, cfg.symmetric, cfg.accuracy_level, embeddings=cfg.embeddings)
-    counts.update(repacked)
-    if not counts["MatMulNBits"]:
-        raise EdgeqError("int4: the model has no MatMul with a constant weight to quantize")
+    rows = None
+    made = {}
+    for algo in cfg.algorithms:
+        name = cfg.artifact(algo)
+        out = ctx.path(Files.model(name))
+        symmetric = cfg.symmetric_for(algo)
+        if algo in ("gptq", "awq") and rows is None:
+            from edgeq.calib.source import for_build
+
+            rows = for_build(ctx).calibration_rows()
+        t0 = time.perf_counter()
+        try:
+            counts = quantize_weights(ctx.path(Files.FP32), out, algo, cfg.block_size, symmetric, cfg.accuracy_level,
+                                      embeddings=cfg.embeddings, head_bits=cfg.head_bits, rows=rows, track=ctx.track)
+        except EdgeqError:
+            raise
+        except Exception as e:  # onnxruntime's quantizer failing on this graph: say which algorithm
+            out.unlink(missing_ok=True)
+            raise EdgeqError(f"int4 ({algo}): onnxruntime's quantizer fails on this model: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+        seconds = round(time.perf_counter() - t0, 2)
+        if not counts["MatMulNBits"]:
+            out.unlink(missing_ok=True)
+            raise EdgeqError("int4: the model has no MatMul with a constant weight to quantize")
+        check(out)
+        settings = {"bits": 4, "algorithm": algo, "how": INT4_HOW[algo], "block_size": cfg.block_size,
+                    "symmetric": symmetric if algo not in ("hqq", "kquant") else False,
+                    "accuracy_level": cfg.accuracy_level, "embeddings": cfg.embeddings, "head_bits": cfg.head_bits,
+                    "weights": "MatMul weights blocked along the input axis, the LM head at "
+                               f"{cfg.head_bits} bits" + ("; token embeddings blocked along the hidden axis"
+                                                           if cfg.embeddings else "")}
+        if algo in ("gptq", "awq"):
+            settings["calibration"] = {"data": ctx.config.calibration.path, "samples": len(rows),
+                                       "tokens": int(sum(r.shape[1] for r in rows))}
+        ctx.artifacts.append(Artifact(name=name, path=Files.model(name), precision="int4",
+                                      recipe={"mode": "int4", **settings}))
+        made[name] = (settings, {**counts, "size_bytes": model_size_bytes(out), "quantize_seconds": seconds})
+    return made
+
+
+def _nf4(ctx: BuildContext) -> tuple[dict, dict]:
+    import time
+
+    from edgeq.pipeline.ops.int4 import quantize_nf4
+
+    cfg = ctx.config.int4
+    out = ctx.path(Files.model("nf4"))
+    t0 = time.perf_counter()
+    counts = quantize_nf4(ctx.path(Files.FP32), out, cfg.block_size, cfg.accuracy_level, embeddings=cfg.embeddings,
+                          head_bits=cfg.head_bits)
+    if not counts["MatMulBnb4"]:
+        out.unlink(missing_ok=True)
+        raise EdgeqError("nf4: the model has no MatMul with a constant weight to quantize")
     check(out)
-    settings = {"bits": 4, **asdict(cfg), "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-                "weights": "MatMul weights blocked along the input axis"
-                           + ("; token embeddings blocked along the hidden axis" if cfg.embeddings else "")}
-    if repacked.get("q4_1_exact") or repacked.get("q8_0_exact"):
-        settings["gguf_grids"] = (f"weights on the GGUF's Q4_1/Q8_0 grids repacked exactly (blocks of {GGUF_BLOCK}); "
-                                  "the rest quantized as above")
-    ctx.artifacts.append(Artifact(name="int4", path=Files.model("int4"), precision="int4",
-                                  recipe={"mode": "int4", **settings}))
-    return settings, {**counts, "size_bytes": model_size_bytes(out)}
+    settings = {"bits": 4, "data_type": "NF4 (4-bit NormalFloat, one absmax scale per block)",
+                "quantizer": "onnxruntime.quantization.matmul_bnb4_quantizer.MatMulBnb4Quantizer",
+                "block_size": cfg.block_size, "head_bits": cfg.head_bits, "embeddings": cfg.embeddings}
+    ctx.artifacts.append(Artifact(name="nf4", path=Files.model("nf4"), precision="nf4",
+                                  recipe={"mode": "nf4", **settings}))
+    return settings, {**counts, "size_bytes": model_size_bytes(out),
+                      "quantize_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _static(ctx: BuildContext) -> tuple[dict, dict]:
@@ -174,4 +234,4 @@ def _smooth(ctx: BuildContext, model, nodes: set[str] | None, fold: bool = False
 
 
 # mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
-MODES = {"static": _static, "dynamic": _dynamic, "int4": _int4}
+MODES = {"static": _static, "dynamic": _dynamic, "int4": _int4, "nf4": _nf4}

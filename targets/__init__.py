@@ -16,7 +16,7 @@ from typing import Any
 from edgeq.core import EdgeqError
 
 QUANT_TYPES = {"int8", "uint8"}
-MODES = ("static", "dynamic", "fp16", "hybrid", "int4")
+MODES = ("static", "dynamic", "fp16", "hybrid", "int4", "nf4")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
                 "reduced_ops": bool, "mobile_readme": bool}

@@ -54,9 +54,11 @@ def test_kv_cache_decoding_equals_recomputing_the_whole_sequence(llama_build):
 def test_int4_is_block_wise_with_quantized_embeddings(llama_build):
     g = onnx.load(str(_dir(llama_build) / "model.int4.onnx")).graph
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
-    assert nbits and all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
-    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
-    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in nbits}
+    assert nbits and all(a["block_size"] == 16 and a["accuracy_level"] == 4 for a in attrs.values())
+    # every projection at 4 bits, the LM head (it computes the logits) at 8
+    assert {n: a["bits"] for n, a in attrs.items() if a["bits"] == 8} == {"/lm_head/MatMul_Q8": 8}
+    assert sum(a["bits"] == 4 for a in attrs.values()) == 10
     assert any(n.op_type == "GatherBlockQuantized" for n in g.node)
     # every weight MatMul went to int4: the only MatMuls left multiply activations (attention)
     inits = {i.name for i in g.initializer}
@@ -130,7 +132,7 @@ def test_language_model_user_errors(tiny_llama, tmp_path):
 
     with pytest.raises(EdgeqError, match="mode static is not built for causal language models"):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("static",))
-    with pytest.raises(EdgeqError, match="--block-size must be one of"):
+    with pytest.raises(EdgeqError, match="--block-size must be a power of two from 16 to 256"):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), block_size=48)
     with pytest.raises(EdgeqError, match="mode hybrid is not built"):
         resolve_config(model=str(tiny_llama), out=str(tmp_path), modes=("hybrid",))
@@ -150,8 +152,12 @@ def test_language_model_user_errors(tiny_llama, tmp_path):
 def test_manifest_records_the_int4_recipe(llama_build):
     q = next(s for s in llama_build["stages"] if s["stage"] == "quantize")
     assert q["settings"]["int4"]["block_size"] == 16 and q["settings"]["int4"]["accuracy_level"] == 4
-    # 2 layers x (packed qkv, o, gate, up, down) + lm_head
-    assert q["metrics"]["int4"]["MatMulNBits"] == 11
+    # a float checkpoint's default: GPTQ on the calibration text, asymmetric blocks
+    assert q["settings"]["int4"]["algorithm"] == "gptq" and q["settings"]["int4"]["symmetric"] is False
+    assert q["settings"]["int4"]["calibration"]["samples"] > 0
+    # 2 layers x (packed qkv, o, gate, up, down) at 4 bits; the LM head at 8
+    assert q["metrics"]["int4"]["MatMulNBits"] == 10 and q["metrics"]["int4"]["MatMulNBits_8bit"] == 1
+    assert q["metrics"]["int4"]["head"] == "/lm_head/MatMul"
     on_disk = disk_manifest(_dir(llama_build) / "manifest.json")
     assert on_disk["artifacts"][2]["recipe"]["mode"] == "int4"
 

@@ -640,10 +640,11 @@ def test_fuzz_hf_folders(world):
 INT_KEYS = ["calib_samples", "eval_samples", "runs", "warmup", "threads", "seq_len", "max_length", "batch_size",
             "block_size", "accuracy_level", "new_tokens"]
 FLOAT_KEYS = ["percentile", "max_accuracy_drop", "min_speedup", "max_size_mb"]
-BOOL_KEYS = ["fp16_io", "trust_remote_code", "allow_pickle"]
+BOOL_KEYS = ["fp16_io", "trust_remote_code", "allow_pickle", "int4_symmetric"]
 PATH_KEYS = ["model", "target", "calib", "eval", "tokenizer", "out"]
 BUILD_KEYS = INT_KEYS + FLOAT_KEYS + BOOL_KEYS + PATH_KEYS + [
-    "modes", "mode", "calib_method", "text_field", "task", "name", "input_shape", "preprocess", "budget_metric"]
+    "modes", "mode", "calib_method", "text_field", "task", "name", "input_shape", "preprocess", "budget_metric",
+    "int4_algo", "int4_algos"]
 OTHER_KEYS = ["config", "config_file", "eval_path", "json", "fresh", "write", "from_build", "Model", "calib-samples",
               "help", ""]
 TOML_SCALARS = (st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats() | st.text(max_size=20)
@@ -654,7 +655,8 @@ PATHS = st.sampled_from(["data.txt", "data.jsonl", "data.npz", "missing.txt", ".
                          "profile.toml", "/dev/null", "/etc/passwd", "/", "~/nope.txt", "model.onnx", "tok",
                          "edgeq.toml", "edgeq.zoo:efficientnet_lite0", "os.path:join", "nope.nope:f", "x86_64",
                          "arm64", "riscv", "", "dat\x00a.txt", "data.txt/", "./data.txt", "a" * 300])
-MODES = st.sampled_from(["static", "dynamic", "fp16", "hybrid", "int4", "fp8", "", "STATIC"])
+MODES = st.sampled_from(["static", "dynamic", "fp16", "hybrid", "int4", "nf4", "fp8", "", "STATIC"])
+INT4_ALGOS = st.sampled_from(["rtn", "gptq", "awq", "hqq", "kquant", "gguf", "rtn,gptq", "GPTQ", "", ",", "spqr"])
 PLAUSIBLE = {
     **{k: st.integers(-3, 6) | st.sampled_from([0, 10**6, 2**31, 2**63 - 1, -2**63, 1.0, "12"]) for k in INT_KEYS},
     "block_size": st.sampled_from([8, 16, 32, 33, 256, 512, 0, -32]),
@@ -673,6 +675,7 @@ PLAUSIBLE = {
                                    "resize=abc", "", "=", ",,,", "layout=NHWC", "mean=nan", "std=inf,1,1",
                                    "resize=10,crop=20"]),
     "budget_metric": st.sampled_from(["cosine", "task", "", "Cosine"]),
+    "int4_algo": st.lists(INT4_ALGOS, max_size=3) | INT4_ALGOS, "int4_algos": st.lists(INT4_ALGOS, max_size=3) | INT4_ALGOS,
 }
 
 

@@ -24,7 +24,9 @@ def generate_text(build_dir: Path, prompt: str, artifact: str | None, max_new_to
     if (manifest.get("config") or {}).get("family") != "causal-lm":
         raise EdgeqError(f"{build_dir} is not a causal language model build (edgeq generate needs one)")
     arts = {a["name"]: a for a in manifest["artifacts"]}
-    name = artifact or next(n for n in ("int4", "int8-dynamic", "fp32") if n in arts)
+    # default: the int4 artifact (the first of several algorithms), else int8, else fp32
+    name = artifact or next(n for n in ["int4", *(a for a in arts if a.startswith("int4-")), "nf4", "int8-dynamic",
+                                        "fp32"] if n in arts)
     if name not in arts:
         raise EdgeqError(f"no artifact '{name}' in {build_dir} (it has: {', '.join(arts)})")
     tok_dir = build_dir / "tokenizer"

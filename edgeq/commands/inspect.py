@@ -3,7 +3,7 @@ ranking the hybrid search measured (from the manifest).
 
 A node's precision is read off the graph itself, not from the recipe: integer kernels (QLinearMatMul,
 MatMulInteger, QAttention...) and QDQ weighted nodes (activation and weight from DequantizeLinear)
-are int8 (MatMulNBits: int4), a node computing on fp16 tensors is fp16, anything else float32. Q/DQ and Cast nodes only
+are int8 (MatMulNBits: int4, or int8 at 8 bits; MatMulBnb4: nf4), a node computing on fp16 tensors is fp16, anything else float32. Q/DQ and Cast nodes only
 convert and are not counted.
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ def node_precisions(model) -> list[dict[str, str]]:
         if n.op_type in CONVERSIONS:
             continue
         if n.op_type == "MatMulNBits":
-            precision = "int4"
+            precision = "int8" if any(a.name == "bits" and a.i == 8 for a in n.attribute) else "int4"
+        elif n.op_type == "MatMulBnb4":
+            precision = "nf4"
         elif n.op_type in INTEGER_OPS or (
                 # a QDQ node runs as an integer kernel when its activation and weight are quantized;
                 # other ops merely read a de-quantized tensor and compute in float

@@ -1,6 +1,8 @@
-"""Block-wise int4 weight-only quantization of a causal LM: onnxruntime's MatMulNBitsQuantizer for
-float weights, and an exact repack of weights still on a GGUF file's own Q4_1/Q8_0 grids (what
-MatMulNBitsQuantizer would re-round, this carries over bit for bit)."""
+"""Block-wise int4 weight-only quantization of a causal LM, one entry point (`quantize_weights`) for
+every --int4-algo: onnxruntime's MatMulNBitsQuantizer for round-to-nearest, HQQ and k-quant;
+pipeline/ops/weight_only.py for GPTQ and AWQ (calibrated; why not onnxruntime's, see there); an
+exact repack of weights still on a GGUF file's own Q4_1/Q8_0 grids (what any re-quantization would
+re-round, this carries over bit for bit). NF4 (`quantize_nf4`) is onnxruntime's MatMulBnb4Quantizer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,35 +10,108 @@ from pathlib import Path
 import numpy as np
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool, accuracy_level: int,
-                  embeddings: bool = True, exclude: list[str] = ()) -> dict:
-    """Block-wise 4-bit weight-only quantization with onnxruntime's MatMulNBitsQuantizer: every
-    MatMul with a constant weight becomes MatMulNBits (int4 blocks of `block_size` along the input
-    axis, one scale per block); `accuracy_level` 4 lets the CPU kernel compute with int8 activations
-    (the fast path). With `embeddings`, the token-embedding Gather becomes GatherBlockQuantized
-    (quantized along the hidden axis), which halves the size again: the vocabulary-sized table is
-    the largest tensor of a small LM."""
+ORT_ALGOS = {"rtn": "round to nearest", "hqq": "HQQ (half-quadratic, no data)", "kquant": "k-quant (llama.cpp's search)"}
+
+
+def output_projection(model) -> str | None:
+    """The name of the MatMul computing the logits (the LM head): the producer of the `logits`
+    output, through Cast/Identity/Reshape, when it multiplies a constant weight."""
+    inits = {i.name for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    t = next((o.name for o in model.graph.output if o.name == "logits"), None)
+    while t in prod:
+        n = prod[t]
+        if n.op_type == "MatMul":
+            return n.name if n.input[1] in inits else None
+        if n.op_type not in ("Cast", "Identity", "Reshape", "Squeeze"):
+            return None
+        t = n.input[0]
+    return None
+
+
+def _ort_nbits(src, dst, bits: int, block: int, symmetric: bool, accuracy_level: int, algo: str = "rtn",
+               include=None, exclude=(), op_types=("MatMul",)) -> None:
+    """One pass of onnxruntime's MatMulNBitsQuantizer over `src` (a path or ModelProto)."""
     import logging
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     # it warns that it raises the opset to 21 and the IR version to 10 (int4 types need them): expected
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    kw = {}
-    if embeddings:
-        kw = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))}
-    model = onnx.load(str(src))
-    # the correction MatMuls of a GGUF repack (see repack_gguf_grids) stay fp32
-    exclude = list(exclude) + [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith("_corr")]
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=exclude, **kw)
-    q.process()
+    axes = tuple((op, 1 if op == "Gather" else 0) for op in op_types)
+    if algo == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=op_types,
+                                              quant_axes=axes)
+    elif algo == "kquant":
+        config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=op_types)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric,
+                                                  accuracy_level=accuracy_level, op_types_to_quantize=op_types,
+                                                  quant_axes=axes, bits=bits)
+    model = onnx.load(str(src)) if not isinstance(src, onnx.ModelProto) else src
+    q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
+                                 nodes_to_include=list(include) if include else None, op_types_to_quantize=op_types,
+                                 quant_axes=axes, algo_config=config)
+    with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides all-zero blocks too, then drops them
+        q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def quantize_weights(src: Path, dst: Path, algo: str, block_size: int, symmetric: bool, accuracy_level: int,
+                     embeddings: bool = True, head_bits: int = 8, rows=None, track=None) -> dict:
+    """The int4 artifact of the LM at `src` by `algo` (config.INT4_ALGOS): every MatMul with a
+    constant weight becomes MatMulNBits (4 bits, blocks of `block_size` along the input axis), the
+    LM head at `head_bits`, and with `embeddings` the token-embedding Gather becomes
+    GatherBlockQuantized (4 bits along the hidden axis: the vocabulary-sized table is the largest
+    tensor of a small LM). `rows`: calibration token rows, for gptq and awq. Returns counts and the
+    algorithm's own report."""
+    import onnx
+
+    from edgeq.pipeline.ops import weight_only
+
+    model = onnx.load(str(src), load_external_data=False)
+    head = output_projection(model)
+    corr = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith("_corr")]
+    wide_head = [head] if head and head_bits == 8 else []
+    del model
+    info: dict = {}
+    cur = src
+    if algo == "gguf":
+        info = repack_gguf_grids(src, dst, accuracy_level)
+        if info["q4_1_exact"] + info["q8_0_exact"]:
+            cur = dst
+        # the weights off the file's grids: round to nearest
+        _ort_nbits(cur, dst, 4, block_size, symmetric, accuracy_level, exclude=corr_names(cur) + wide_head)
+        cur = dst
+    elif algo in ("gptq", "awq"):
+        info = weight_only.quantize_calibrated(src, dst, algo, rows, block_size, symmetric, accuracy_level,
+                                               exclude=corr + wide_head, **({"track": track} if track else {}))
+        cur = dst
+    else:
+        _ort_nbits(src, dst, 4, block_size, symmetric, accuracy_level, algo=algo, exclude=corr + wide_head)
+        cur = dst
+    g = onnx.load(str(cur), load_external_data=False).graph
+    if wide_head and any(n.name == head and n.op_type == "MatMul" for n in g.node):
+        _ort_nbits(cur, dst, 8, block_size, True, accuracy_level, include=wide_head)
+    if embeddings:
+        _ort_nbits(dst, dst, 4, block_size, symmetric if algo != "hqq" else False, accuracy_level,
+                   op_types=("Gather",))
     g = onnx.load(str(dst), load_external_data=False).graph
-    return {"MatMulNBits": sum(n.op_type == "MatMulNBits" for n in g.node),
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
+    return {"MatMulNBits": sum(b == 4 for b in bits.values()), "MatMulNBits_8bit": sum(b == 8 for b in bits.values()),
             "GatherBlockQuantized": sum(n.op_type == "GatherBlockQuantized" for n in g.node),
-            "MatMul_left_float": sum(n.op_type == "MatMul" and not n.name.endswith("_corr") for n in g.node)}
+            "MatMul_left_float": sum(n.op_type == "MatMul" and not n.name.endswith("_corr") for n in g.node),
+            **({"head": head, "head_bits": head_bits} if head else {}), **info}
+
+
+def corr_names(path) -> list[str]:
+    """The correction MatMuls of a GGUF repack (see repack_gguf_grids): they stay fp32."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.name.endswith("_corr")]
 
 
 # A GGUF file is already quantized (SmolLM2's: Q4_1 transformer weights, Q8_0 embeddings); the fp32
@@ -204,3 +279,34 @@ def repack_gguf_grids(src: Path, dst: Path, accuracy_level: int) -> dict:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
     return stats
+
+
+def quantize_nf4(src: Path, dst: Path, block_size: int, accuracy_level: int, embeddings: bool = True,
+                 head_bits: int = 8) -> dict:
+    """NF4 (QLoRA's 4-bit NormalFloat: 16 levels at the quantiles of a normal distribution, one
+    absmax scale per block) with onnxruntime's MatMulBnb4Quantizer: every MatMul with a constant
+    weight becomes MatMulBnb4, except the LM head (MatMulNBits at `head_bits`, as for int4); the
+    embeddings as for int4. MatMulBnb4's CPU kernel de-quantizes the weight to fp32 for every call
+    (no int8-activation path), so it trails MatMulNBits in speed: the README measures by how much."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_bnb4_quantizer").setLevel(logging.ERROR)
+    model = onnx.load(str(src))
+    head = output_projection(model)
+    wide_head = [head] if head and head_bits == 8 else []
+    q = MatMulBnb4Quantizer(model, MatMulBnb4Quantizer.NF4, block_size, nodes_to_exclude=wide_head)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    if wide_head:
+        _ort_nbits(dst, dst, 8, block_size, True, accuracy_level, include=wide_head)
+    if embeddings:
+        _ort_nbits(dst, dst, 4, block_size, True, accuracy_level, op_types=("Gather",))
+    g = onnx.load(str(dst), load_external_data=False).graph
+    return {"MatMulBnb4": sum(n.op_type == "MatMulBnb4" for n in g.node),
+            "MatMulNBits_8bit": sum(n.op_type == "MatMulNBits" for n in g.node),
+            "GatherBlockQuantized": sum(n.op_type == "GatherBlockQuantized" for n in g.node),
+            "MatMul_left_float": sum(n.op_type == "MatMul" for n in g.node),
+            **({"head": head, "head_bits": head_bits} if head else {})}
