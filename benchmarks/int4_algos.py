@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-ALGOS = ("rtn", "rtn-asym", "hqq", "kquant", "gptq")
+ALGOS = ("rtn", "rtn-asym", "hqq", "kquant", "gptq-ort", "gptq", "gptq-asym", "awq", "awq-asym")
+OWN = ("gptq", "gptq-asym", "awq", "awq-asym")  # edgeq.pipeline.ops.weight_only
 
 
 def main() -> None:
@@ -85,11 +86,22 @@ def main() -> None:
         "rtn-asym": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=False, accuracy_level=4),
         "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=bs, bits=4),
         "kquant": lambda: mnq.KQuantWeightOnlyQuantConfig(),
-        "gptq": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=128),
+        "gptq-ort": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=128),
     }
     work = Path(tempfile.mkdtemp(prefix="edgeq-int4-"))
     paths, built = {"fp32": a.build_dir / "model.fp32.onnx"}, {}
     for name in a.algos.split(","):
+        if name in OWN:
+            from edgeq.pipeline.ops.weight_only import quantize_calibrated
+
+            t = time.perf_counter()
+            p = work / f"{name}.onnx"
+            info = quantize_calibrated(a.build_dir / "model.fp32.onnx", p, name.split("-")[0], cal, bs,
+                                       symmetric=not name.endswith("-asym"), accuracy_level=4)
+            paths[name] = p
+            built[name] = (time.perf_counter() - t, p.stat().st_size / 1e6)
+            print(name, info, flush=True)
+            continue
         if name not in configs:
             raise SystemExit(f"unknown algorithm {name!r} (choose from {', '.join(ALGOS)})")
         t = time.perf_counter()
