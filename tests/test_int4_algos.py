@@ -131,6 +131,45 @@ def test_each_algorithm_is_its_own_artifact_measured_like_the_others(algo_build)
     assert all(abs(a["metrics"]["task"]["relative_vs_fp32"]) < 0.05 for a in arts.values())
 
 
+def test_awq_scales_fold_into_the_graph_without_changing_what_it_computes(algo_build):
+    """AWQ's 1/s goes into the RMSNorm weights and the up-projections' output columns, s into the
+    weights: the scaled float model computes what fp32 does, logits and cache alike."""
+    from pathlib import Path
+
+    from edgeq.pipeline.ops.int4 import output_projection
+    from edgeq.pipeline.runners.lm_runtime import KVModel
+
+    src = Path(algo_build["build_dir"]) / "model.fp32.onnx"
+    model = onnx.load(str(src))
+    groups = wo.quantizable_groups(model, [output_projection(model)])
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 200, size=(1, n)).astype(np.int64) for n in (9, 17, 5)]
+    stats = wo.collect_stats(model, groups, rows, want_h=False, want_sample=True, sample_rows=16)
+    assert all(st.tokens == 31 and 1 <= len(st.rows()) <= 16 for st in stats.values())
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for g in groups.values() for n in g}
+    before = {k: v.copy() for k, v in weights.items()}
+    clips, report = wo.awq_apply(model, groups, inits, weights, stats, 16, False)
+    # per layer: q/k/v after the input norm, gate/up after the post-attention norm, down after up*gate
+    # are scaled; o_proj (after attention) has nowhere to fold 1/s
+    assert report["scaled_inputs"] == 3 * report["unscaled_inputs"] > 0
+    assert sum(not np.allclose(weights[k], before[k]) for k in weights) >= report["scaled_inputs"]
+    assert set(clips) == set(weights)
+    for g in groups.values():
+        for n in g:
+            t = inits[n.input[1]]
+            t.CopyFrom(numpy_helper.from_array(weights[n.name], t.name))
+
+    def run(m):
+        lm = KVModel(ort.InferenceSession(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m),
+                                          providers=["CPUExecutionProvider"]))
+        return lm.forward(rows[1], lm.empty_past(1), 0)[0]
+
+    ref, got = run(src), run(model)
+    assert np.abs(ref).max() > 0
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4 * float(np.abs(ref).max()))
+
+
 def test_summary_table_compares_the_methods(algo_build):
     from edgeq.summary import summary_table
 
