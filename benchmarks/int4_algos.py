@@ -2,8 +2,10 @@
 (symmetric and asymmetric), HQQ, k-quant and GPTQ through `MatMulNBitsQuantizer`, MatMul weights
 only, blocks of --block-size. Each quantized model's perplexity and top-1 next-token agreement with
 fp32 on the bundled held-out text (edgeq.causal_lm.evaluate, as the evaluate stage measures), its
-size and its quantization time. Groundwork for issue 18 (`--int4-algo`): nothing here is used by
-`edgeq build` yet.
+size and its quantization time, MatMul weights only (the LM head too, no embeddings: the build's
+artifacts keep the head at 8 bits and quantize the embeddings, see benchmarks/lm_methods.py). What it
+is for: onnxruntime's GPTQ ("gptq-ort") beside edgeq's own GPTQ and AWQ (pipeline/ops/weight_only.py),
+which is why edgeq does not use ORT's.
 
     .venv/bin/edgeq build path/to/SmolLM2-135M-Instruct.Q4_1.gguf --mode int4 --out /tmp/lm
     .venv/bin/python benchmarks/int4_algos.py /tmp/lm/SmolLM2-135M-Instruct.Q4_1/x86_64 [--algos rtn,hqq]
