@@ -21,7 +21,7 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement", "task",
                                               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
                                               "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
-                                              "size_vs_fp32") if k in m},
+                                              "size_vs_fp32", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32") if k in m},
         })
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
     why = (manifest.get("config") or {}).get("target_reason")

@@ -171,7 +171,7 @@ def test_awq_scales_fold_into_the_graph_without_changing_what_it_computes(algo_b
 
 
 def test_summary_table_compares_the_methods(algo_build):
-    from edgeq.summary import summary_table
+    from edgeq.summary import json_summary, summary_table
 
     table = summary_table(algo_build).splitlines()
     head = table[1].split()
@@ -180,6 +180,11 @@ def test_summary_table_compares_the_methods(algo_build):
     rows = {line.split()[0]: line.split() for line in table[3:9]}
     assert set(rows) == {"fp32", "int4-rtn", "int4-gptq", "int4-awq", "int4-hqq", "nf4"}
     assert rows["nf4"][1] == "nf4" and rows["int4-gptq"][1] == "int4"
+    js = {a["name"]: a["metrics"] for a in json_summary(algo_build)["artifacts"]}
+    for m in js.values():  # what --json gives CI for a causal LM
+        assert {"task", "top1_agreement", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32"} <= set(m)
+    assert js["int4-gptq"]["greedy_vs_fp32"] == next(
+        a for a in algo_build["artifacts"] if a["name"] == "int4-gptq")["metrics"]["greedy_vs_fp32"]
 
 
 @pytest.mark.parametrize("args,message", [
