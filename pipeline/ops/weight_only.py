@@ -208,6 +208,12 @@ class InputStats:
     sample: list = field(default_factory=list)
 
     def add(self, x: np.ndarray, want_h: bool, want_sample: bool, stride: int) -> None:
+        if want_sample and not want_h and x.ndim == 3 and x.shape[1] > 1:
+            # AWQ: leave out each prompt's first token. Its activations are the attention sink's, many
+            # times the others' in a few channels; one row in 20 here (short calibration texts, each
+            # its own prompt) against one in 512 in AutoAWQ's concatenated chunks, so it would set the
+            # scales and clips. (Measured on SmolLM2: +12.5% perplexity, top-1 80.8%, against +12.9%, 78.4%.)
+            x = x[:, 1:]
         x = x.reshape(-1, self.k).astype(np.float32)
         if want_h:  # float32 products (BLAS speed), summed in float64
             xtx = (x.T @ x).astype(np.float64)
