@@ -108,24 +108,41 @@ class EvalSet:
     """Evaluation samples: the distinct texts the models run on, and the labels of the task if any.
 
     kind "text": fidelity only; "classification": `labels[i]` belongs to `texts[i]`; "pairs":
-    `pairs[k] = (i, j)` indexes `texts`, with gold similarity `scores[k]`."""
+    `pairs[k] = (i, j)` indexes `texts`, with gold similarity `scores[k]`; "retrieval": query k is
+    `texts[queries[k]]`, the corpus is `texts[d]` for d in `docs`, and `positives[k]` lists the
+    positions in `docs` of query k's relevant documents."""
 
     kind: str
     texts: list[str]
     labels: list = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    docs: list[int] = field(default_factory=list)
+    positives: list[list[int]] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    _doc_index: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     def without(self, drop: set[str]) -> "EvalSet":
-        """The set minus samples whose text is in `drop` (calibration texts: never evaluate on them)."""
+        """The set minus samples whose text is in `drop` (calibration texts: never evaluate on them).
+        A retrieval set loses the queries in `drop`; its corpus stays whole (it is what is searched)."""
         if self.kind == "pairs":
             return self.subset([k for k, (i, j) in enumerate(self.pairs)
                                 if self.texts[i] not in drop and self.texts[j] not in drop])
+        if self.kind == "retrieval":
+            return self.subset([k for k, q in enumerate(self.queries) if self.texts[q] not in drop])
         return self.subset([i for i, t in enumerate(self.texts) if t not in drop])
 
     def subset(self, keep: list[int]) -> "EvalSet":
-        """The samples (pairs for a pair set) at the indices `keep`, texts re-indexed."""
+        """The samples (pairs for a pair set, queries for a retrieval set, with the whole corpus) at
+        the indices `keep`, texts re-indexed."""
+        if self.kind == "retrieval":
+            out = EvalSet("retrieval", [])
+            for d in self.docs:
+                out.add_document(self.texts[d])
+            for k in keep:
+                out.add_query(self.texts[self.queries[k]], [self.texts[self.docs[p]] for p in self.positives[k]])
+            return out
         if self.kind != "pairs":
             return EvalSet(self.kind, [self.texts[i] for i in keep],
                            labels=[self.labels[i] for i in keep] if self.labels else [])
@@ -135,28 +152,68 @@ class EvalSet:
             out.add_pair(self.texts[i], self.texts[j], self.scores[k])
         return out
 
-    def add_pair(self, text1: str, text2: str, score: float) -> None:
-        """Append a scored pair; each distinct text is stored (and run) once."""
+    def _text(self, t: str) -> int:
+        """The index of `t` in texts, appended once: each distinct text is stored (and run) once."""
         if len(self._index) != len(self.texts):  # texts given at construction: index them once
             self._index = {t: i for i, t in enumerate(self.texts)}
-        ij = []
-        for t in (text1, text2):
-            if t not in self._index:
-                self._index[t] = len(self.texts)
-                self.texts.append(t)
-            ij.append(self._index[t])
-        self.pairs.append(tuple(ij))
+        if t not in self._index:
+            self._index[t] = len(self.texts)
+            self.texts.append(t)
+        return self._index[t]
+
+    def add_pair(self, text1: str, text2: str, score: float) -> None:
+        """Append a scored pair."""
+        self.pairs.append((self._text(text1), self._text(text2)))
         self.scores.append(float(score))
 
+    def add_document(self, text: str) -> int:
+        """A corpus document (once however often it is given); its position in `docs`."""
+        i = self._text(text)
+        if i not in self._doc_index:
+            self._doc_index[i] = len(self.docs)
+            self.docs.append(i)
+        return self._doc_index[i]
+
+    def add_query(self, query: str, positives: list[str]) -> None:
+        """A query and its relevant documents (added to the corpus)."""
+        self.positives.append(sorted({self.add_document(p) for p in positives}))
+        self.queries.append(self._text(query))
+
     def __len__(self) -> int:
-        return len(self.pairs) if self.kind == "pairs" else len(self.texts)
+        return len(self.pairs) if self.kind == "pairs" else len(self.queries) if self.kind == "retrieval" \
+            else len(self.texts)
+
+
+RETRIEVAL_K = 10  # recall@10 and nDCG@10
+
+
+def _retrieval_line(out: EvalSet, obj: dict, where: str, documents_only: bool = False) -> None:
+    """One line of a retrieval set: {"query": str, "positive": str or [str, ...]} or {"document": str}
+    (`documents_only`: a query's positives join the corpus, the query does not)."""
+    if "query" in obj:
+        q, pos = obj.get("query"), obj.get("positive")
+        pos = [pos] if isinstance(pos, str) else pos
+        if not (isinstance(q, str) and q.strip()):
+            raise EdgeqError(f"{where}: expected a non-empty string 'query'")
+        if not (isinstance(pos, list) and pos and all(isinstance(p, str) and p.strip() for p in pos)):
+            raise EdgeqError(f"{where}: expected 'positive': a non-empty string or list of strings (the relevant documents)")
+        if documents_only:
+            for p in pos:
+                out.add_document(p.strip())
+        else:
+            out.add_query(q.strip(), [p.strip() for p in pos])
+    elif isinstance(obj.get("document"), str) and obj["document"].strip():
+        out.add_document(obj["document"].strip())
+    else:
+        raise EdgeqError(f"{where}: a retrieval set's lines are {{\"query\", \"positive\"}} or {{\"document\"}} objects")
 
 
 def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text",
                   what: str = "evaluation") -> EvalSet:
     """Evaluation data of a .txt or .jsonl file. A JSONL file whose first object has a "label" is a
-    classification set; one with text1/text2 (or sentence1/sentence2) and "score" is a pair set;
-    every later line must have the same fields. `limit` counts samples (pairs for a pair set)."""
+    classification set; one with text1/text2 (or sentence1/sentence2) and "score" is a pair set; one
+    with "query" (and "positive") or "document" is a retrieval set; every later line must have the
+    same fields. `limit` counts samples (pairs for a pair set, queries for a retrieval set)."""
     check_readable(path, what)
     if path.suffix.lower() not in {".jsonl", ".ndjson"}:
         return EvalSet("text", read_texts(path, limit, text_field, what))
@@ -167,7 +224,8 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                if limit is not None and len(out) >= limit:
+                full = limit is not None and len(out) >= limit
+                if full and kind != "retrieval":
                     break
                 try:
                     obj = json.loads(line)
@@ -177,8 +235,12 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
                     raise EdgeqError(f"{path}:{lineno}: expected a JSON object")
                 if kind is None:
                     pair = next((p for p in PAIR_FIELDS if p[0] in obj), None)
-                    kind = "pairs" if pair else "classification" if "label" in obj else "text"
+                    kind = ("pairs" if pair else "retrieval" if "query" in obj or "document" in obj
+                            else "classification" if "label" in obj else "text")
                     out.kind = kind
+                if kind == "retrieval":  # past the limit, queries only add their documents: the corpus stays whole
+                    _retrieval_line(out, obj, f"{path}:{lineno}", documents_only=full)
+                    continue
                 if kind == "pairs":
                     a, b = pair
                     t1, t2, score = obj.get(a), obj.get(b), obj.get("score")
@@ -201,10 +263,15 @@ def read_eval_set(path: Path, limit: int | None = None, text_field: str = "text"
                 out.texts.append(text.strip())
     except UnicodeDecodeError as e:
         raise EdgeqError(f"{path}: not UTF-8 text (byte {e.start}); a binary file?") from None
-    if not len(out):
+    if not len(out) and kind != "retrieval":
         raise EdgeqError(f"{what} file has no samples: {path}")
     if kind == "classification" and len(set(map(str, out.labels))) < 2:
         raise EdgeqError(f"{what} file {path.name}: a classification set needs at least two labels")
+    if kind == "retrieval" and not out.queries:
+        raise EdgeqError(f"{what} file {path.name}: a retrieval set needs queries ({{\"query\", \"positive\"}} lines)")
+    if kind == "retrieval" and len(out.docs) <= RETRIEVAL_K:
+        raise EdgeqError(f"{what} file {path.name}: a retrieval set needs more than {RETRIEVAL_K} documents "
+                         f"(recall@{RETRIEVAL_K} of {len(out.docs)} is always 1); add {{\"document\"}} lines")
     if kind == "pairs" and len(set(out.scores)) < 2:
         raise EdgeqError(f"{what} file {path.name}: the pair scores are all equal; no correlation can be measured")
     return out

@@ -8,11 +8,17 @@ writes:
   lee-sts.jsonl         1,225 pairs of the 50 Lee news documents {"text1", "text2", "score"} with the
                         mean human similarity rating (Lee, Pincombe & Welsh 2005), for Spearman;
   lee-background.txt    300 other news documents, one per line: calibration data and held-out text
-                        for language-model perplexity.
+                        for language-model perplexity;
+  lee-retrieval.jsonl   a retrieval task from all 350 Lee documents (the inverse cloze task of Lee,
+                        Chang & Toutanova 2019): each story's first sentence is a query
+                        {"query", "positive"} whose relevant document is the passage of the next
+                        two sentences; every other two-sentence passage of every story is in the
+                        corpus {"document"}: 321 queries, 1,226 documents.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,10 +61,36 @@ def lee_background() -> list[str]:
     return [d.strip() for d in text.splitlines() if d.strip()]
 
 
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z"])')
+PASSAGE_SENTENCES = 2
+
+
+def lee_retrieval() -> list[dict]:
+    """The inverse-cloze retrieval set (see the module's docstring): query lines first, then the
+    corpus's other passages, each passage once."""
+    queries, docs, asked = [], [], set()
+    for story in lee_background() + lee_documents():
+        sents = [x.strip() for x in _SENTENCE_END.split(story) if x.strip()]
+        if len(sents) < 1 + PASSAGE_SENTENCES or sents[0] in asked:  # a query and a whole passage; a story once
+            continue
+        asked.add(sents[0])
+        passages = [" ".join(sents[i:i + PASSAGE_SENTENCES]) for i in range(1, len(sents), PASSAGE_SENTENCES)]
+        queries.append({"query": sents[0], "positive": passages[0]})
+        docs += [{"document": p} for p in passages[1:]]
+    seen = {q["positive"] for q in queries}
+    unique = []
+    for d in docs:
+        if d["document"] not in seen:
+            seen.add(d["document"])
+            unique.append(d)
+    return queries + unique
+
+
 def write_all(out: Path) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for name, rows in (("polarity.jsonl", polarity()), ("lee-sts.jsonl", lee_sts())):
+    for name, rows in (("polarity.jsonl", polarity()), ("lee-sts.jsonl", lee_sts()),
+                       ("lee-retrieval.jsonl", lee_retrieval())):
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         counts[name] = len(rows)
     docs = lee_background()

@@ -51,6 +51,8 @@ def _positive(label: str, value) -> None:
         raise EdgeqError(f"{label} must be a positive number, got {value}")
 
 
+BUDGET_METRICS = ("cosine", "task", "retrieval")  # what --max-accuracy-drop limits
+
 @dataclass(frozen=True)
 class Fp16Options:
     keep_io_types: bool  # fp16 artifacts take and return fp32 (the target's default, off with --fp16-io)
@@ -94,6 +96,7 @@ class Benchmark:
     warmup: int
     threads: int  # 0: all cores
     new_tokens: int | None = None  # causal LMs: tokens generated per run
+    torch_baseline: bool = False  # PyTorch dynamic int8 of the HF model measured beside the artifacts
 
     def __post_init__(self) -> None:
         if self.new_tokens is not None:
@@ -174,7 +177,7 @@ class BuildConfig:
     tokenizer: str | None
     max_length: int  # tokens per calibration/evaluation sample
     max_accuracy_drop: float | None  # the hybrid search's budget (0.01 when hybrid is asked without one)
-    budget_metric: str  # "cosine" or "task"
+    budget_metric: str  # "cosine", "task" or "retrieval"
     fp16: Fp16Options
     calibration: Calibration
     evaluation: Evaluation
@@ -196,8 +199,8 @@ class BuildConfig:
         for m in self.modes:
             if m not in MODES:
                 raise EdgeqError(f"unknown mode '{m}' (choose from: {', '.join(MODES)})")
-        if self.budget_metric not in ("cosine", "task"):
-            raise EdgeqError(f"--budget-metric must be 'cosine' or 'task', got {self.budget_metric!r}")
+        if self.budget_metric not in BUDGET_METRICS:
+            raise EdgeqError(f"--budget-metric must be one of {', '.join(BUDGET_METRICS)}, got {self.budget_metric!r}")
         if self.max_accuracy_drop is not None and not 0 < self.max_accuracy_drop < 1:
             raise EdgeqError(f"--max-accuracy-drop must be between 0 and 1 (a cosine drop), got {self.max_accuracy_drop}")
         _at_least("--max-length", self.max_length, 2)
@@ -238,7 +241,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    min_speedup: float | None = None, max_size_mb: float | None = None,
                    trust_remote_code: bool = False, allow_pickle: bool = False,
                    output: str | None = None, int4_algos: tuple[str, ...] = (),
-                   int4_symmetric: bool | None = None) -> BuildConfig:
+                   int4_symmetric: bool | None = None, torch_baseline: bool | None = None) -> BuildConfig:
     """Check every user input before anything is written; return the fully resolved config.
 
     The model, the data and the target are checked here (files exist, parse, fit the model); the
@@ -271,11 +274,13 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if calib is None:
             raise EdgeqError("an image model needs calibration photos: --calib FOLDER (python -m edgeq.calib.images "
                              "DIR copies the photos that ship with scikit-image)")
-        if budget_metric == "task":
-            raise EdgeqError("--budget-metric task is not supported for image models yet (the budget is on cosine)")
+        if budget_metric != "cosine":
+            raise EdgeqError(f"--budget-metric {budget_metric} is not supported for image models yet (the budget is on cosine)")
         modes = tuple(modes) or ("static",)
     if runs is None:
         runs = 5 if family == "causal-lm" else 100  # a causal-LM run is a prefill plus --new-tokens steps
+    if family == "causal-lm" and budget_metric == "retrieval":
+        raise EdgeqError("--budget-metric retrieval is for embedding models; a causal LM's budget is its perplexity")
     if family == "causal-lm":
         modes = tuple(modes) or LM_MODES
         wrong = [m for m in modes if m not in LM_ALLOWED]
@@ -332,14 +337,19 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if f.suffix.lower() == ".npz":
             if family == "causal-lm":
                 raise EdgeqError(f"{what} data for a language model is text (.txt or .jsonl), not .npz")
-            if what == "evaluation" and budget_metric == "task":
-                raise EdgeqError("--budget-metric task needs labelled evaluation data (--eval JSONL); .npz has no labels")
+            if what == "evaluation" and budget_metric != "cosine":
+                raise EdgeqError(f"--budget-metric {budget_metric} needs labelled evaluation data (--eval JSONL); "
+                                 ".npz has no labels")
             continue
         if what == "evaluation":
-            labelled = read_eval_set(f, limit=None, text_field=text_field).kind != "text"  # a bad label fails now
-            if budget_metric == "task" and not labelled:
+            eval_kind = read_eval_set(f, limit=None, text_field=text_field).kind  # a bad label fails now
+            if budget_metric == "task" and eval_kind == "text":
                 raise EdgeqError(f"--budget-metric task needs labelled evaluation data (--eval JSONL with "
-                                 f"text+label or text1+text2+score); {f.name} has no labels")
+                                 f"text+label, text1+text2+score or query+positive); {f.name} has no labels")
+            if budget_metric == "retrieval" and eval_kind != "retrieval":
+                raise EdgeqError(f"--budget-metric retrieval needs a retrieval set (--eval JSONL with query+positive "
+                                 f"and document lines; python -m edgeq.calib.gensim_data DIR writes one); "
+                                 f"{f.name} is {'plain text' if eval_kind == 'text' else 'a ' + eval_kind + ' set'}")
         else:
             read_texts(f, limit=n, text_field=text_field, what=what)
     if tokenizer and not Path(tokenizer).is_dir():
@@ -371,8 +381,14 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                 raise EdgeqError(f"--output {output!r}: {model_path.name} has no such output (it has: {', '.join(outs)})")
     _at_least("--new-tokens", new_tokens, 1)  # an option of every build, used by causal LMs
     evaluation = Evaluation(path=str(eval_file), samples=eval_samples)
+    hf_encoder = kind == "hf" and family == "encoder"
+    if torch_baseline and not hf_encoder:
+        raise EdgeqError("--torch-baseline measures PyTorch's dynamic int8 of a Hugging Face encoder: "
+                         f"{model_path.name} is {'a causal LM' if family == 'causal-lm' else 'not a Hugging Face model directory'}")
+    cpu_first = profile.execution_providers[0] == "CPUExecutionProvider"
     benchmark = Benchmark(batch_size=batch_size, seq_len=seq_len, runs=runs, warmup=warmup, threads=threads,
-                          new_tokens=new_tokens if family == "causal-lm" else None)
+                          new_tokens=new_tokens if family == "causal-lm" else None,
+                          torch_baseline=bool(torch_baseline if torch_baseline is not None else hf_encoder and cpu_first))
     name = name or intake.model_name(model_path, kind)
     if not targets.NAME_RE.fullmatch(name):
         # the name becomes a directory under --out: no separators, no '.'/'..', nothing absolute
@@ -403,6 +419,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             "max_length": max_length, "batch_size": batch_size, "fp16_io": fp16_io,
             "max_accuracy_drop": gate_accuracy, "budget_metric": budget_metric, "block_size": block_size,
             "accuracy_level": accuracy_level, "new_tokens": new_tokens,
+            **({"torch_baseline": torch_baseline} if torch_baseline is not None else {}),
             **({"int4_algos": list(int4_algos)} if int4_algos else {}),
             **({"int4_symmetric": int4_symmetric} if int4_symmetric is not None else {}),
             "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
@@ -474,9 +491,14 @@ BUILD_OPTIONS = [
                                        "edgeq_input_shape)."),
     click.option("--preprocess", help="Image preprocessing, e.g. resize=256,crop=224,mean=127,std=128 (default: the "
                                       "factory's edgeq_preprocess, else ImageNet's)."),
-    click.option("--budget-metric", type=click.Choice(["cosine", "task"]), default="cosine", show_default=True,
-                 help="What --max-accuracy-drop limits: cosine vs fp32, or the task metric of labelled --eval data "
-                      "(accuracy, Spearman), as an absolute drop."),
+    click.option("--budget-metric", type=click.Choice(BUDGET_METRICS), default="cosine", show_default=True,
+                 help="What --max-accuracy-drop limits: cosine vs fp32, the task metric of labelled --eval data "
+                      "(accuracy, Spearman, nDCG@10) as an absolute drop, or retrieval: 1 - recall@10 against "
+                      "fp32's own ranking of a retrieval --eval set."),
+    click.option("--torch-baseline/--no-torch-baseline", "torch_baseline", default=None,
+                 help="Measure PyTorch's dynamic int8 (torch.ao.quantization.quantize_dynamic on Linear layers) of a "
+                      "Hugging Face encoder beside the artifacts, interleaved, torch threads matched: a baseline "
+                      "row, not an artifact (default: on for an encoder directory on a CPU target)."),
     click.option("--trust-remote-code", is_flag=True,
                  help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
     click.option("--allow-pickle", is_flag=True,

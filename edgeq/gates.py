@@ -47,6 +47,10 @@ def _gate_value(gate: str, m: dict, family: str | None, metric: str) -> tuple[fl
     task = m.get("task") or {}
     if family == "causal-lm":
         return task.get("relative_vs_fp32"), "perplexity increase vs fp32 (relative)"
+    if metric == "retrieval":
+        r = m.get("retrieval") or {}
+        v = r.get("recall@10_vs_fp32")
+        return (1 - v if isinstance(v, (int, float)) else None), "1 - recall@10 vs fp32's ranking"
     if metric == "task" and "delta_vs_fp32" in task:
         return -task["delta_vs_fp32"], f"{task.get('metric', 'task metric')} drop vs fp32"
     return (1 - m["cosine"] if isinstance(m.get("cosine"), (int, float)) else None), "1 - cosine vs fp32"

@@ -22,10 +22,11 @@ def run_runner(spec: dict, timeout: float = 900) -> dict:
 
 def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmup: int, runs: int,
             partition: bool = True, runner: Callable[[dict], dict] | None = None,
-            new_tokens: int | None = None) -> list[dict] | str:
+            new_tokens: int | None = None, torch: dict | None = None) -> list[dict] | str:
     """Latency of all models interleaved in one process; load time, peak RSS, the provider's
     partition of the graph and a per-operator time profile for each in its own. Returns
-    'unavailable: <reason>' when the provider cannot run here."""
+    'unavailable: <reason>' when the provider cannot run here. `torch` (the runner's torch spec):
+    PyTorch's dynamic int8 of the model joins the interleaved rounds; its result comes last."""
     run = runner or run_runner  # runs bench_runner.py: a local process, or on a device (edgeq/commands/remote.py)
     base = {"inputs": str(inputs), "provider": provider, "threads": threads}
     if new_tokens:  # causal LM: each run is a generation (prefill + decode steps with the cache)
@@ -34,7 +35,8 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
         warmup, light = min(warmup, 1), {"warmup": 1, "runs": 1}
     else:
         light = {"warmup": 2, "runs": 3, **({"profile_runs": PROFILE_RUNS} if partition else {})}
-    lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs})
+    lat = run({**base, "models": [str(m) for m in models], "warmup": warmup, "runs": runs,
+               **({"torch": torch} if torch else {})})
     if "unavailable" in lat:
         return f"unavailable: {lat['unavailable']}"
     out = []
@@ -54,4 +56,6 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
             if "op_profile" in mem:
                 r["op_profile"] = mem["op_profile"]
         out.append(r)
+    if torch and "results" in lat and len(lat["results"]) > len(models):
+        out.append(dict(lat["results"][len(models)]))
     return out

@@ -124,6 +124,12 @@ def task_metric(evalset, pooled_by_artifact: dict[str, np.ndarray], task: str | 
     from edgeq.core import EdgeqError
 
     ref = pooled_by_artifact["fp32"]
+    if evalset.kind == "retrieval":
+        r = retrieval_metrics(evalset, pooled_by_artifact)
+        return ({k: v["ndcg@10"] for k, v in r.items()},
+                {"metric": "ndcg@10", "how": "nDCG@10 of the labelled documents, the corpus ranked by cosine to "
+                                             "each query", "queries": len(evalset.queries),
+                 "documents": len(evalset.docs)})
     if evalset.kind == "pairs":
         gold = evalset.scores
         return ({k: spearman(pair_cosines(e, evalset.pairs), gold) for k, e in pooled_by_artifact.items()},
@@ -140,6 +146,83 @@ def task_metric(evalset, pooled_by_artifact: dict[str, np.ndarray], task: str | 
     return (probe_accuracy(ref, pooled_by_artifact, evalset.labels),
             {"metric": "accuracy", "how": "logistic-regression head trained on fp32 embeddings (5 folds, "
                                           "sample i in fold i mod 5), applied to each artifact's embeddings"})
+
+
+# --- retrieval ---------------------------------------------------------------------------------
+
+def _top(q: np.ndarray, d: np.ndarray, k: int) -> np.ndarray:
+    """[queries, k] corpus positions by descending score q @ d.T (ties: the earlier document first)."""
+    scores = q @ d.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def _ndcg(ranked: np.ndarray, relevant: list[set], k: int) -> float:
+    """Mean nDCG@k with binary relevance."""
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    out = []
+    for row, rel in zip(ranked, relevant):
+        if not rel:
+            continue
+        dcg = sum(disc[i] for i, d in enumerate(row[:k]) if d in rel)
+        out.append(dcg / disc[:min(len(rel), k)].sum())
+    return float(np.mean(out)) if out else 0.0
+
+
+def embedding_codec(kind: str, calibration: np.ndarray | None = None) -> dict:
+    """How a vector store keeps the embeddings: "float", "int8" (per dimension, the unit-normalised
+    calibration embeddings' [min, max] mapped onto -128..127, as sentence-transformers'
+    quantize_embeddings with calibration embeddings) or "binary" (one bit per dimension, > 0)."""
+    if kind == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("int8 embeddings need calibration embeddings for their ranges")
+        u = _unit(calibration.astype(np.float32))
+        return {"precision": "int8", "min": u.min(0).astype(np.float32), "max": u.max(0).astype(np.float32)}
+    return {"precision": kind}
+
+
+def encode_embeddings(e: np.ndarray, codec: dict) -> np.ndarray:
+    """The embeddings as the store holds them, as float arrays to score with a dot product: the int8
+    codes themselves, or the bits as +-1 (a dot product of +-1 vectors is dim - 2 * Hamming distance)."""
+    u = _unit(e.astype(np.float32))
+    if codec["precision"] == "int8":
+        lo, hi = codec["min"], codec["max"]
+        step = np.maximum(hi - lo, 1e-12) / 255.0
+        return (np.clip(np.round((u - lo) / step), 0, 255) - 128).astype(np.float32)
+    if codec["precision"] == "binary":
+        return np.where(u > 0, 1.0, -1.0).astype(np.float32)
+    return u
+
+
+def retrieval_metrics(evalset, pooled_by_artifact: dict[str, np.ndarray], codec: dict | None = None,
+                      k: int = 10) -> dict[str, dict]:
+    """Per artifact, the retrieval task of `evalset` (a calib.EvalSet of kind "retrieval", rows of the
+    pooled outputs matching its texts) scored by cosine: recall@1 (first document relevant), recall@k
+    (share of the relevant documents in the top k) and nDCG@k (binary relevance) against the labels, and the same against fp32's own float ranking ("_vs_fp32": recall@1
+    is the share of queries with fp32's first document first; recall@k the share of fp32's top k in
+    the artifact's top k; nDCG@k with fp32's top k as the relevant set). With `codec` (int8 or binary
+    embeddings) every artifact's queries and documents are encoded so, fp32's reference staying float."""
+    q_idx, d_idx = np.array(evalset.queries), np.array(evalset.docs)
+    ref = pooled_by_artifact["fp32"]
+    ref_top = _top(_unit(ref[q_idx]), _unit(ref[d_idx]), k)
+    ref_sets = [set(r) for r in ref_top]
+    labels = [set(p) for p in evalset.positives]
+    out = {}
+    for name, e in pooled_by_artifact.items():
+        enc = encode_embeddings(e, codec) if codec else _unit(e)
+        top = _top(enc[q_idx], enc[d_idx], k)
+        out[name] = {
+            "recall@1": float(np.mean([r[0] in rel for r, rel in zip(top, labels)])),
+            f"recall@{k}": float(np.mean([len(set(r) & rel) / max(len(rel), 1) for r, rel in zip(top, labels)])),
+            f"ndcg@{k}": _ndcg(top, labels, k),
+            "recall@1_vs_fp32": float(np.mean(top[:, 0] == ref_top[:, 0])),
+            f"recall@{k}_vs_fp32": float(np.mean([len(set(r) & s) / k for r, s in zip(top, ref_sets)])),
+            f"ndcg@{k}_vs_fp32": _ndcg(top, ref_sets, k),
+        }
+    return out
 
 
 def class_index(hf_config: dict, num_classes: int) -> dict[str, int]:

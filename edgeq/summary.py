@@ -21,7 +21,7 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement", "task",
                                               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
                                               "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
-                                              "size_vs_fp32", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32") if k in m},
+                                              "size_vs_fp32", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32", "retrieval") if k in m},
         })
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
     why = (manifest.get("config") or {}).get("target_reason")
@@ -30,6 +30,7 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             "build_dir": str(build_dir), "manifest": str(build_dir / Files.MANIFEST),
             "build_seconds": manifest["build_seconds"], "artifacts": arts,
             "execution_providers": bench.get("execution_providers", {}), "notes": bench.get("notes", []),
+            **({"baselines": bench["baselines"]} if bench.get("baselines") else {}),
             **({"gates": {k: manifest["gates"][k] for k in ("passed", "passing", "limits", "failed")}}
                if manifest.get("gates") else {})}
 
@@ -51,13 +52,18 @@ def summary_table(manifest: dict[str, Any]) -> str:
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
     eps = [f"{ep}: {status}" for ep, status in bench.get("metrics", {}).get("execution_providers", {}).items()]
     notes = [f"note: {n}" for n in bench.get("metrics", {}).get("notes", [])]
-    return "\n".join([head, *lines, *chosen, *eps, *notes])
+    base = [f"* {b['name']}: a baseline, not an artifact: {b.get('recipe')}, {b.get('threads')} threads, interleaved "
+            f"with the artifacts; size as torch.save writes it; cosine on {b.get('eval_samples', 0)} evaluation samples"
+            + (f" ({b['error']})" if b.get("error") else "")
+            for b in _baselines(manifest)] if not lm else []
+    return "\n".join([head, *lines, *chosen, *eps, *base, *notes])
 
 
 def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
     cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"])
+    ret = any("retrieval" in a["metrics"] for a in manifest["artifacts"])
     rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
-             *((task,) if task else ()),
+             *((task,) if task else ()), *(("R@1 fp32", "R@10 fp32") if ret else ()),
              "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
     for a in manifest["artifacts"]:
         m = a["metrics"]
@@ -66,11 +72,26 @@ def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
             return format(m[k], fmt) if isinstance(m.get(k), (int, float)) else "-"
         t = (f("top1_agreement", ".1%"),) if cls else ()
         t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
+        r = m.get("retrieval") or {}
+        t += tuple(format(r[k], ".3f") if k in r else "-" for k in ("recall@1_vs_fp32", "recall@10_vs_fp32")) if ret else ()
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
                      f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
                      f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
                      f("peak_rss_mb", ".0f"), f"{m['ep_coverage']:.0%}" if m.get("ep_coverage") is not None else "-"))
+    for b in _baselines(manifest):  # measured beside the artifacts, not one of them: marked with *
+        def g(k, fmt):
+            return format(b[k], fmt) if isinstance(b.get(k), (int, float)) else "-"
+        blanks = (("-",) if cls else ()) + (("-",) if task else ()) + (("-", "-") if ret else ())
+        rows.append((b["name"] + "*", b.get("precision", "-"), f"{b.get('size_bytes', 0) / 1e6:.1f}" if "size_bytes" in b
+                     else "-", g("size_vs_fp32", ".2f"), g("cosine", ".4f"), g("cosine_min", ".4f"), *blanks,
+                     g("latency_p50_ms", ".2f"), g("latency_p90_ms", ".2f"),
+                     g("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in b else ""), "-", "-"))
     return rows
+
+
+def _baselines(manifest: dict[str, Any]) -> list[dict]:
+    bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {})
+    return list((bench.get("metrics") or {}).get("baselines") or [])
 
 
 def _lm_rows(manifest: dict[str, Any]) -> list[tuple]:

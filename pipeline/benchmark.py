@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 
 
 from edgeq.calib.source import for_build
@@ -24,12 +25,19 @@ def run(ctx: BuildContext) -> StageResult:
     results: dict[str, dict[str, dict]] = {}
     notes = []
     candidates = list(ctx.target.execution_providers)
+    torch_spec = ({"dir": str(ctx.model_path), "task": ctx.model.task or "feature-extraction",
+                   "trust_remote_code": ctx.config.trust_remote_code} if cfg.torch_baseline else None)
+    baseline_result = None
     for ep in candidates + ["CPUExecutionProvider"]:
         if ep in eps or (ep == "CPUExecutionProvider" and ep not in candidates and
                          any(v == "measured" for v in eps.values())):
             continue
-        ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)} interleaved, {cfg.runs} runs each")
-        rs = measure(models, inputs, ep, threads, cfg.warmup, cfg.runs, new_tokens=cfg.new_tokens)
+        with_torch = torch_spec if ep == "CPUExecutionProvider" and not baseline_result else None
+        ctx.log(f"  {ep}: {', '.join(a.name for a in ctx.artifacts)}{' and ' + BASELINE if with_torch else ''} "
+                f"interleaved, {cfg.runs} runs each")
+        rs = measure(models, inputs, ep, threads, cfg.warmup, cfg.runs, new_tokens=cfg.new_tokens, torch=with_torch)
+        if with_torch and not isinstance(rs, str) and len(rs) > len(models):
+            baseline_result = rs.pop()
         if isinstance(rs, str):
             eps[ep] = rs
             ctx.log(f"  {ep}: {rs}")
@@ -77,6 +85,10 @@ def run(ctx: BuildContext) -> StageResult:
             a.metrics["prefill_speedup_vs_fp32"] = round(fp32["prefill_p50_ms"] / r["prefill_p50_ms"], 3)
         else:
             a.metrics["speedup_vs_fp32"] = round(fp32["latency_p50_ms"] / r["latency_p50_ms"], 3)
+    baselines = []
+    if torch_spec:
+        baselines.append(_torch_baseline(ctx, torch_spec, baseline_result, results["fp32"].get("CPUExecutionProvider"),
+                                         fp32_size, threads))
     return StageResult(
         settings={"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "threads": threads,
                   **({"new_tokens": cfg.new_tokens, "speedup": "decode tokens/s vs fp32 (prefill: "
@@ -85,5 +97,51 @@ def run(ctx: BuildContext) -> StageResult:
                   "method": "latency: artifacts interleaved in rounds of 10 runs in one process; "
                             "load time and peak RSS: a fresh process per artifact",
                   "primary_provider": primary, "host_machine": host},
-        metrics={"execution_providers": eps, "notes": notes},
+        metrics={"execution_providers": eps, "notes": notes, **({"baselines": baselines} if baselines else {})},
     )
+
+
+BASELINE = "torch-dynamic-int8"
+BASELINE_SAMPLES = 64  # evaluation samples its fidelity is measured on (PyTorch runs eagerly: slow)
+
+
+def _torch_baseline(ctx: BuildContext, spec: dict, result: dict | None, fp32: dict | None, fp32_size: int,
+                    threads: int) -> dict:
+    """The seeds' recipe (pipeline/runners/torch_runtime.py) as a row beside the artifacts: its
+    latency from the interleaved rounds (`result`), its size as torch.save writes it, and the cosine
+    of its pooled output against the fp32 artifact's on the first evaluation samples. Not an
+    artifact: nothing of it is packaged."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from edgeq.metrics import pooled, row_cosine
+    from edgeq.pipeline.runners import torch_runtime
+
+    row = {"name": BASELINE, "precision": "int8 (PyTorch)",
+           "recipe": "torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), PyTorch eager",
+           "torch": torch.__version__, "threads": threads}
+    if result is None or fp32 is None or "latency_p50_ms" not in result:
+        row["error"] = "not measured: the CPU execution provider did not run here"
+        return row
+    torch.set_num_threads(threads)
+    model = torch_runtime.load_dynamic_int8(spec["dir"], spec["task"], spec["trust_remote_code"])
+    with tempfile.TemporaryDirectory() as tmp:
+        size = torch_runtime.state_dict_bytes(model, os.path.join(tmp, "torch-dynamic-int8.pt"))
+    samples = for_build(ctx).evaluation()[0][:BASELINE_SAMPLES]
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(str(ctx.path(Files.FP32)), so, providers=["CPUExecutionProvider"])
+    run = torch_runtime.forward_fn(model, spec["task"])
+    wanted = [ctx.model.primary_output] if ctx.model.primary_output else None
+    ref = np.concatenate([pooled(sess.run(wanted, f)[0].astype(np.float32), m) for f, m in samples])
+    got = np.concatenate([pooled(run(f).astype(np.float32), m) for f, m in samples])
+    cos = row_cosine(ref, got)
+    row.update({"size_bytes": size, "size_vs_fp32": round(size / fp32_size, 4),
+                "cosine": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6),
+                "eval_samples": len(samples), "load_ms": result.get("load_ms"),
+                **{k: result[k] for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_per_s")
+                   if k in result},
+                "speedup_vs_fp32": round(fp32["latency_p50_ms"] / result["latency_p50_ms"], 3),
+                "provider": result.get("provider")})
+    return row

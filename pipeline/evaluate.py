@@ -10,7 +10,9 @@ Each sample runs alone (batch 1, no padding), as on a device. Metrics per artifa
 With labelled evaluation data (calib.read_eval_set), every artifact also gets `task`: the task
 metric and its change against fp32 -- accuracy for a classification set (a classifier's own argmax,
 or for an embedding model a logistic-regression head trained on fp32 embeddings, 5-fold), Spearman
-correlation of embedding cosines with gold scores for a pair set.
+correlation of embedding cosines with gold scores for a pair set, nDCG@10 for a retrieval set
+(queries with their relevant documents, and a corpus), which also gives every artifact `retrieval`:
+recall@1/@10 and nDCG@10 against the labels and against fp32's own ranking.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from edgeq.calib.source import for_build
 from edgeq.core import BuildContext, EdgeqError, StageResult
-from edgeq.metrics import fidelity, pooled, task_metric
+from edgeq.metrics import fidelity, pooled, retrieval_metrics, task_metric
 
 
 def run(ctx: BuildContext) -> StageResult:
@@ -65,6 +67,12 @@ def run(ctx: BuildContext) -> StageResult:
             a.metrics["task"] = {"metric": task_settings["metric"], "value": round(scores[a.name], 6),
                                  "delta_vs_fp32": round(scores[a.name] - scores["fp32"], 6),
                                  "samples": len(evalset)}
+        if evalset.kind == "retrieval":
+            pools = {k: v[1] for k, v in outputs.items()}
+            found = retrieval_metrics(evalset, pools)
+            for a in ctx.artifacts:
+                a.metrics["retrieval"] = {k: round(v, 6) for k, v in found[a.name].items()}
+            task_settings["retrieval"] = RETRIEVAL_HOW
     return StageResult(
         settings={"data": ctx.config.evaluation.path, "samples": len(samples), "batch_size": 1,
                   "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
@@ -74,9 +82,14 @@ def run(ctx: BuildContext) -> StageResult:
                   **({"task": task_settings} if task_settings else {})},
         metrics={"overlap_with_calibration_removed": removed,
                  **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement",
-                                                       "top5_overlap", "task")
+                                                       "top5_overlap", "task", "retrieval")
                              if k in a.metrics} for a in ctx.artifacts}},
     )
+
+
+RETRIEVAL_HOW = ("the corpus ranked by cosine of mean-pooled embeddings for every query; recall@1 (first "
+                 "document relevant), recall@10, nDCG@10 (binary) against the labels; *_vs_fp32: the same against "
+                 "fp32's own top 10 (recall@1: fp32's first document first; recall@10: share of fp32's top 10 kept)")
 
 
 def _non_finite(name: str, data: str) -> str:

@@ -15,7 +15,9 @@ With `--budget-metric task` and labelled evaluation data, a step meets the budge
 metric (accuracy, Spearman) is at most X below fp32's, measured on the even-indexed half of the
 labelled set (the selection half; the evaluate stage reports on the whole set). Sensitivity is still
 ranked by cosine: a task metric on a few hundred samples moves in steps too coarse to rank single
-nodes.
+nodes. With `--budget-metric retrieval` (a retrieval --eval set), a step meets the budget when
+1 - recall@10 against fp32's own ranking is at most X, on the even-indexed half of the queries
+searching the whole corpus.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import os
 import shutil
 
 from edgeq.core import Artifact, BuildContext, EdgeqError, Files, StageResult, model_size_bytes
-from edgeq.metrics import pooled, row_cosine, task_metric
+from edgeq.metrics import pooled, retrieval_metrics, row_cosine, task_metric
 
 
 def to_fp16(src, dst, keep_io_types: bool, op_block_list: list[str] | None = None) -> dict:
@@ -116,16 +118,19 @@ def _hybrid(ctx: BuildContext) -> tuple[dict, dict]:
         return float(row_cosine(outputs(model, sel), ref).mean())
 
     budget_metric = ctx.config.budget_metric
-    task_sel = data.task_selection() if budget_metric == "task" else None
+    task_sel = data.task_selection() if budget_metric in ("task", "retrieval") else None
     name = value = ref_value = None
     if task_sel is not None:
         tsel, tfeeds = task_sel
         task_ref = outputs(fp32, tfeeds)
 
         def task_value(model) -> tuple[float, float, str]:
-            """(the model's task metric, fp32's, the metric's name) on the selection half."""
-            scores, how = task_metric(tsel, {"fp32": task_ref, "m": outputs(model, tfeeds)}, ctx.model.task,
-                                      ctx.model.hf_config)
+            """(the model's task metric, fp32's, the metric's name) on the selection half; for the
+            retrieval budget, recall@10 against fp32's own ranking (fp32's: 1)."""
+            got = {"fp32": task_ref, "m": outputs(model, tfeeds)}
+            if budget_metric == "retrieval":
+                return retrieval_metrics(tsel, got)["m"]["recall@10_vs_fp32"], 1.0, "recall@10_vs_fp32"
+            scores, how = task_metric(tsel, got, ctx.model.task, ctx.model.hf_config)
             return scores["m"], scores["fp32"], how["metric"]
 
     fp16 = bool(ctx.target.fp16_compute)

@@ -94,7 +94,7 @@ def test_operations_commands_and_shared_modules_import_no_stage():
 
 def test_runners_import_nothing_from_edgeq():
     runners = [p for m, p in MODULES.items() if m.startswith("edgeq.pipeline.runners.")]
-    assert {p.name for p in runners} == {"bench_runner.py", "parity_runner.py", "lm_runtime.py"}
+    assert {p.name for p in runners} == {"bench_runner.py", "parity_runner.py", "lm_runtime.py", "torch_runtime.py"}
     for p in runners:
         assert not _imports(p), f"{p.name} imports {_imports(p)}: it runs on devices without edgeq"
     # and they load copied into a folder of their own with edgeq unimportable (as on a device)
@@ -107,7 +107,7 @@ def test_runners_import_nothing_from_edgeq():
         for p in runners:
             shutil.copy(p, d)
         code = (f"import sys; sys.modules['edgeq'] = None; sys.path.insert(0, {d!r}); "
-                "import bench_runner, parity_runner, lm_runtime; print(lm_runtime.__file__)")
+                "import bench_runner, parity_runner, lm_runtime, torch_runtime; print(lm_runtime.__file__)")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().startswith(d)

@@ -605,8 +605,9 @@ def _table(build: Build, front: set[tuple[str, str]]) -> tuple[list[str], list[l
     tasks = [_metrics(a).get("task") for a in arts]
     task_names = sorted({str(t.get("metric")) for t in tasks if isinstance(t, dict)})
     lm = any(_num(_metrics(a).get("decode_tokens_per_s")) is not None for a in arts)
+    ret = any(isinstance(_metrics(a).get("retrieval"), dict) for a in arts)
     head = ["artifact", "precision", "size MB", "cosine"] + [n for n in task_names[:1]] + \
-        ["p50 ms"] + (["decode tok/s"] if lm else []) + ["speedup", "Pareto"]
+        (["recall@10 vs fp32"] if ret else []) + ["p50 ms"] + (["decode tok/s"] if lm else []) + ["speedup", "Pareto"]
     rows = []
     for a in arts:
         m = _metrics(a)
@@ -615,6 +616,9 @@ def _table(build: Build, front: set[tuple[str, str]]) -> tuple[list[str], list[l
                _fmt(size / 1e6 if size is not None else None, ".1f"), _fmt(_num(m.get("cosine")), ".4f")]
         if task_names:
             row.append(_fmt(_task_value(m), ".4f"))
+        if ret:
+            r = m.get("retrieval") if isinstance(m.get("retrieval"), dict) else {}
+            row.append(_fmt(_num(r.get("recall@10_vs_fp32")), ".3f"))
         row.append(_fmt(_num(m.get("latency_p50_ms")), ".2f"))
         if lm:
             row.append(_fmt(_num(m.get("decode_tokens_per_s")), ".1f"))

@@ -11,6 +11,9 @@ Two uses, both printing one JSON object on stdout:
 
 usage: python bench_runner.py '{"models": [...], "inputs": "x.npz", "provider": "CPUExecutionProvider",
                                 "threads": 2, "warmup": 10, "runs": 100, "round_runs": 10}'
+
+"torch": {"dir": HF_DIR, "task": ...} adds PyTorch's dynamic int8 of that model (torch_runtime.py)
+as one more model in the interleaved rounds, its result last (host only: it needs torch).
 """
 import json
 import resource
@@ -165,30 +168,37 @@ def main(spec: dict) -> dict:
         if len(sessions) == 1:
             out["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
         return out
-    for sess, f in zip(sessions, feeds):
+    fns = [(lambda s=sess, f=f: s.run(None, f)) for sess, f in zip(sessions, feeds)]
+    providers = [sess.get_providers()[0] for sess in sessions]
+    if spec.get("torch"):  # the PyTorch baseline, interleaved with the sessions like one of them
+        fn, ms, label = _torch_model(spec["torch"], feeds_all, spec.get("threads"))
+        fns.append(fn)
+        load_ms.append(ms)
+        providers.append(label)
+    for fn in fns:
         for _ in range(int(spec.get("warmup", 10))):
-            sess.run(None, f)
+            fn()
     runs = int(spec.get("runs", 100))
     per_round = max(1, min(int(spec.get("round_runs", 10)), runs))
-    settle = int(spec.get("settle_runs", 2)) if len(sessions) > 1 else 0
-    times = [[] for _ in sessions]
+    settle = int(spec.get("settle_runs", 2)) if len(fns) > 1 else 0
+    times = [[] for _ in fns]
     deadline = time.perf_counter() + float(spec.get("max_seconds", 120))
     while len(times[0]) < runs and time.perf_counter() < deadline:
-        for sess, f, ts in zip(sessions, feeds, times):
+        for fn, ts in zip(fns, times):
             # Untimed runs after each switch: the previous session's idle worker threads keep
             # spinning for a while and, on a small machine, would be charged to this session.
             for _ in range(settle):
-                sess.run(None, f)
+                fn()
             for _ in range(min(per_round, runs - len(ts))):
                 t = time.perf_counter()
-                sess.run(None, f)
+                fn()
                 ts.append((time.perf_counter() - t) * 1000)
     batch = int(next(iter(feeds_all.values())).shape[0]) if feeds_all else 1
     results = []
-    for sess, ts, lm in zip(sessions, times, load_ms):
+    for prov, ts, lm in zip(providers, times, load_ms):
         a = np.asarray(ts)
         results.append({
-            "provider": sess.get_providers()[0],
+            "provider": prov,
             "runs": len(ts),
             "load_ms": round(lm, 3),
             "latency_mean_ms": round(float(a.mean()), 4),
@@ -211,6 +221,25 @@ def main(spec: dict) -> dict:
             if spec.get("profile_runs"):
                 out["op_profile"] = op_profile(nodes, run_us)
     return out
+
+
+def _torch_model(spec: dict, feeds_all: dict, threads):
+    """(run, load ms, label) of the PyTorch dynamic-int8 baseline (torch_runtime.py, this file's
+    sibling) on the same inputs, with torch's intra-op threads set to the sessions' count."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    import torch_runtime
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    model = torch_runtime.load_dynamic_int8(spec["dir"], spec.get("task") or "feature-extraction",
+                                            bool(spec.get("trust_remote_code")))
+    ms = (time.perf_counter() - t0) * 1000
+    run = torch_runtime.forward_fn(model, spec.get("task") or "feature-extraction")
+    return (lambda: run(feeds_all)), ms, f"torch {torch.__version__} CPU, {torch.get_num_threads()} threads"
 
 
 def _generation(spec: dict, sessions, feeds_all: dict, load_ms: list) -> dict:
