@@ -52,6 +52,7 @@ def _positive(label: str, value) -> None:
 
 
 BUDGET_METRICS = ("cosine", "task", "retrieval")  # what --max-accuracy-drop limits
+EMBEDDING_PRECISIONS = ("int8", "binary")  # --embedding-precision
 
 @dataclass(frozen=True)
 class Fp16Options:
@@ -82,6 +83,7 @@ class Calibration:
 class Evaluation:
     path: str
     samples: int | None  # None: all of a labelled set, 120 lines of plain text (calib.DEFAULT_TEXT_SAMPLES)
+    embedding_precisions: tuple[str, ...] = ()  # "int8", "binary": vector-store codes measured on retrieval
 
     def __post_init__(self) -> None:
         if self.samples is not None:
@@ -241,7 +243,8 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    min_speedup: float | None = None, max_size_mb: float | None = None,
                    trust_remote_code: bool = False, allow_pickle: bool = False,
                    output: str | None = None, int4_algos: tuple[str, ...] = (),
-                   int4_symmetric: bool | None = None, torch_baseline: bool | None = None) -> BuildConfig:
+                   int4_symmetric: bool | None = None, torch_baseline: bool | None = None,
+                   embedding_precisions: tuple[str, ...] = ()) -> BuildConfig:
     """Check every user input before anything is written; return the fully resolved config.
 
     The model, the data and the target are checked here (files exist, parse, fit the model); the
@@ -330,6 +333,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         for f, what in ((calib_file, "calibration"), (eval_file, "evaluation")):
             image_files(f, what)  # a folder with images, or a user error now
     # Read the data now (text is cheap to read) so a bad file fails before anything is written.
+    eval_kind = None
     for f, what, n in () if family == "vision" else ((calib_file, "calibration", calib_samples),
                                                       (eval_file, "evaluation", eval_samples)):
         check_readable(f, what)
@@ -380,7 +384,14 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             if output not in outs:
                 raise EdgeqError(f"--output {output!r}: {model_path.name} has no such output (it has: {', '.join(outs)})")
     _at_least("--new-tokens", new_tokens, 1)  # an option of every build, used by causal LMs
-    evaluation = Evaluation(path=str(eval_file), samples=eval_samples)
+    emb_prec = tuple(dict.fromkeys(p.strip().lower() for v in embedding_precisions for p in v.split(",") if p.strip()))
+    bad = [p for p in emb_prec if p not in EMBEDDING_PRECISIONS]
+    if bad or (embedding_precisions and not emb_prec):
+        raise EdgeqError(f"--embedding-precision {bad[0] if bad else '(empty)'}: choose from {', '.join(EMBEDDING_PRECISIONS)}")
+    if emb_prec and (family != "encoder" or eval_kind != "retrieval"):
+        raise EdgeqError("--embedding-precision measures vector-store codes on a retrieval task: it needs an "
+                         "embedding model and a retrieval --eval set (query+positive and document lines)")
+    evaluation = Evaluation(path=str(eval_file), samples=eval_samples, embedding_precisions=emb_prec)
     hf_encoder = kind == "hf" and family == "encoder"
     if torch_baseline and not hf_encoder:
         raise EdgeqError("--torch-baseline measures PyTorch's dynamic int8 of a Hugging Face encoder: "
@@ -420,6 +431,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             "max_accuracy_drop": gate_accuracy, "budget_metric": budget_metric, "block_size": block_size,
             "accuracy_level": accuracy_level, "new_tokens": new_tokens,
             **({"torch_baseline": torch_baseline} if torch_baseline is not None else {}),
+            **({"embedding_precisions": list(embedding_precisions)} if embedding_precisions else {}),
             **({"int4_algos": list(int4_algos)} if int4_algos else {}),
             **({"int4_symmetric": int4_symmetric} if int4_symmetric is not None else {}),
             "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
@@ -499,6 +511,10 @@ BUILD_OPTIONS = [
                  help="Measure PyTorch's dynamic int8 (torch.ao.quantization.quantize_dynamic on Linear layers) of a "
                       "Hugging Face encoder beside the artifacts, interleaved, torch threads matched: a baseline "
                       "row, not an artifact (default: on for an encoder directory on a CPU target)."),
+    click.option("--embedding-precision", "embedding_precisions", multiple=True,
+                 help="Retrieval --eval set: also measure every artifact's retrieval with its embeddings stored as a "
+                      "vector store would keep them: int8 (per-dimension ranges calibrated on the calibration "
+                      "texts) or binary (one bit per dimension); repeatable or comma-separated."),
     click.option("--trust-remote-code", is_flag=True,
                  help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
     click.option("--allow-pickle", is_flag=True,
@@ -517,8 +533,8 @@ def build_options(f):
 
 
 # file key -> parameter name of `edgeq build`, where they differ
-_KEY_TO_PARAM = {"eval": "eval_path", "mode": "modes", "int4_algo": "int4_algos"}
-_PARAM_TO_KEY = {"eval_path": "eval", "int4_algos": "int4_algo"}
+_KEY_TO_PARAM = {"eval": "eval_path", "mode": "modes", "int4_algo": "int4_algos", "embedding_precision": "embedding_precisions"}
+_PARAM_TO_KEY = {"eval_path": "eval", "int4_algos": "int4_algo", "embedding_precisions": "embedding_precision"}
 _NOT_IN_FILE = {"config_file"}
 PATH_KEYS = ("model", "calib", "eval", "tokenizer", "out", "target")
 HEADER = ("# edgeq build configuration: `edgeq build --config edgeq.toml` replays it; options given on the\n"

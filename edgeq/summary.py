@@ -21,7 +21,8 @@ def json_summary(manifest: dict[str, Any]) -> dict[str, Any]:
             "metrics": {k: m.get(k) for k in ("cosine", "cosine_min", "max_abs_err", "mean_abs_err", "top1_agreement", "task",
                                               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
                                               "throughput_per_s", "load_ms", "peak_rss_mb", "speedup_vs_fp32",
-                                              "size_vs_fp32", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32", "retrieval") if k in m},
+                                              "size_vs_fp32", "decode_tokens_per_s", "prefill_p50_ms", "greedy_vs_fp32", "retrieval", "retrieval_codes")
+                        if k in m},
         })
     bench = next((s for s in manifest["stages"] if s["stage"] == "benchmark"), {}).get("metrics", {})
     why = (manifest.get("config") or {}).get("target_reason")
@@ -62,8 +63,10 @@ def summary_table(manifest: dict[str, Any]) -> str:
 def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
     cls = any("top1_agreement" in a["metrics"] for a in manifest["artifacts"])
     ret = any("retrieval" in a["metrics"] for a in manifest["artifacts"])
+    codes = list(dict.fromkeys(c for a in manifest["artifacts"] for c in a["metrics"].get("retrieval_codes") or {}))
     rows = [("artifact", "precision", "size MB", "size x", "cosine", "cos min", *(("top1",) if cls else ()),
              *((task,) if task else ()), *(("R@1 fp32", "R@10 fp32") if ret else ()),
+             *(f"R@10 {c}" for c in codes),
              "p50 ms", "p90 ms", "speedup", "RSS MB", "EP nodes")]
     for a in manifest["artifacts"]:
         m = a["metrics"]
@@ -74,6 +77,8 @@ def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
         t += (format(m["task"]["value"], ".4f") if "task" in m else "-",) if task else ()
         r = m.get("retrieval") or {}
         t += tuple(format(r[k], ".3f") if k in r else "-" for k in ("recall@1_vs_fp32", "recall@10_vs_fp32")) if ret else ()
+        rc = m.get("retrieval_codes") or {}
+        t += tuple(format(rc[c]["recall@10_vs_fp32"], ".3f") if c in rc else "-" for c in codes)
         rows.append((a["name"], a["precision"], f"{m.get('size_bytes', 0) / 1e6:.1f}", f("size_vs_fp32", ".2f"),
                      f("cosine", ".4f"), f("cosine_min", ".4f"), *t, f("latency_p50_ms", ".2f"),
                      f("latency_p90_ms", ".2f"), f("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in m else ""),
@@ -81,7 +86,7 @@ def _rows(manifest: dict[str, Any], task: str | None) -> list[tuple]:
     for b in _baselines(manifest):  # measured beside the artifacts, not one of them: marked with *
         def g(k, fmt):
             return format(b[k], fmt) if isinstance(b.get(k), (int, float)) else "-"
-        blanks = (("-",) if cls else ()) + (("-",) if task else ()) + (("-", "-") if ret else ())
+        blanks = (("-",) if cls else ()) + (("-",) if task else ()) + (("-", "-") if ret else ()) + ("-",) * len(codes)
         rows.append((b["name"] + "*", b.get("precision", "-"), f"{b.get('size_bytes', 0) / 1e6:.1f}" if "size_bytes" in b
                      else "-", g("size_vs_fp32", ".2f"), g("cosine", ".4f"), g("cosine_min", ".4f"), *blanks,
                      g("latency_p50_ms", ".2f"), g("latency_p90_ms", ".2f"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.calib.source import for_build
-from edgeq.core import BuildContext, EdgeqError, StageResult
+from edgeq.core import BuildContext, EdgeqError, Files, StageResult
 from edgeq.metrics import fidelity, pooled, retrieval_metrics, task_metric
 
 
@@ -73,6 +73,8 @@ def run(ctx: BuildContext) -> StageResult:
             for a in ctx.artifacts:
                 a.metrics["retrieval"] = {k: round(v, 6) for k, v in found[a.name].items()}
             task_settings["retrieval"] = RETRIEVAL_HOW
+            if ctx.config.evaluation.embedding_precisions:
+                task_settings["embedding_codes"] = _embedding_codes(ctx, sess_fp32(ctx), evalset, pools)
     return StageResult(
         settings={"data": ctx.config.evaluation.path, "samples": len(samples), "batch_size": 1,
                   "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
@@ -82,7 +84,7 @@ def run(ctx: BuildContext) -> StageResult:
                   **({"task": task_settings} if task_settings else {})},
         metrics={"overlap_with_calibration_removed": removed,
                  **{a.name: {k: a.metrics[k] for k in ("cosine", "cosine_min", "max_abs_err", "top1_agreement",
-                                                       "top5_overlap", "task", "retrieval")
+                                                       "top5_overlap", "task", "retrieval", "retrieval_codes")
                              if k in a.metrics} for a in ctx.artifacts}},
     )
 
@@ -90,6 +92,43 @@ def run(ctx: BuildContext) -> StageResult:
 RETRIEVAL_HOW = ("the corpus ranked by cosine of mean-pooled embeddings for every query; recall@1 (first "
                  "document relevant), recall@10, nDCG@10 (binary) against the labels; *_vs_fp32: the same against "
                  "fp32's own top 10 (recall@1: fp32's first document first; recall@10: share of fp32's top 10 kept)")
+
+
+CODE_CALIBRATION_SAMPLES = 256  # calibration texts whose fp32 embeddings set the int8 codes' ranges
+
+
+def sess_fp32(ctx: BuildContext):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    return ort.InferenceSession(str(ctx.path(Files.FP32)), so, providers=["CPUExecutionProvider"])
+
+
+def _embedding_codes(ctx: BuildContext, sess, evalset, pools: dict) -> dict:
+    """--embedding-precision: every artifact's retrieval with its query and document embeddings
+    stored as int8 codes or bits (edgeq.metrics.embedding_codec), against fp32's float ranking, in
+    `retrieval_codes`. The int8 ranges come from the fp32 model's embeddings of the calibration texts
+    (never evaluation data), and are recorded so an app can encode the same way."""
+    from edgeq.metrics import embedding_codec
+
+    data = for_build(ctx)
+    wanted = [ctx.model.primary_output] if ctx.model.primary_output else None
+    cal = data.singles(data.calibration_samples(), CODE_CALIBRATION_SAMPLES)
+    cal_emb = np.concatenate([pooled(sess.run(wanted, f)[0].astype(np.float32), m) for f, m in cal])
+    out = {}
+    for prec in ctx.config.evaluation.embedding_precisions:
+        codec = embedding_codec(prec, cal_emb)
+        found = retrieval_metrics(evalset, pools, codec)
+        for a in ctx.artifacts:
+            a.metrics.setdefault("retrieval_codes", {})[prec] = {k: round(v, 6) for k, v in found[a.name].items()}
+        out[prec] = {"precision": prec, **({"min": [round(float(v), 6) for v in codec["min"]],
+                                            "max": [round(float(v), 6) for v in codec["max"]],
+                                            "encode": "unit-normalise, q = clip(round((e - min) / ((max - min) / 255)), "
+                                                      "0, 255) - 128 per dimension; score: int8 dot product",
+                                            "calibration_samples": len(cal)} if prec == "int8" else
+                                           {"encode": "bit = e > 0 per dimension; score: dim - 2 * Hamming distance"})}
+    return out
 
 
 def _non_finite(name: str, data: str) -> str:

@@ -125,7 +125,8 @@ def retrieval_build(tiny_bert, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ret")
     data = _real_corpus(tmp)
     return run_build(tiny_bert, tmp / "out", target="x86_64", modes=("static", "dynamic"), eval_path=str(data),
-                     eval_samples=None, max_accuracy_drop=0.2, budget_metric="retrieval"), data
+                     eval_samples=None, max_accuracy_drop=0.2, budget_metric="retrieval",
+                     embedding_precisions=("int8,binary",)), data
 
 
 def test_build_reports_retrieval_and_gates_on_it(retrieval_build):
@@ -175,6 +176,40 @@ def test_retrieval_recomputed_from_the_artifact(retrieval_build, tmp_path):
     assert got["ndcg@10"] == pytest.approx(rec["ndcg@10"], abs=1e-6)
 
 
+def test_embedding_codes_measured_for_every_artifact(retrieval_build):
+    m, data = retrieval_build
+    ev = next(s for s in m["stages"] if s["stage"] == "evaluate")
+    codes = ev["settings"]["task"]["embedding_codes"]
+    assert set(codes) == {"int8", "binary"} and len(codes["int8"]["min"]) == len(codes["int8"]["max"])
+    assert all(lo <= hi for lo, hi in zip(codes["int8"]["min"], codes["int8"]["max"]))
+    for a in m["artifacts"]:
+        rc = a["metrics"]["retrieval_codes"]
+        assert set(rc) == {"int8", "binary"} and all(0 <= v <= 1 for c in rc.values() for v in c.values())
+    # recomputed: fp32's own int8 codes with the recorded ranges give the recorded recall
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from edgeq.metrics import pooled
+    build_dir = __import__("pathlib").Path(m["build_dir"])
+    s = read_eval_set(data)
+    sess = ort.InferenceSession(str(build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    tok = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
+    emb = []
+    for t in s.texts:
+        enc = tok([t], return_tensors="np", truncation=True, max_length=128)
+        emb.append(pooled(sess.run(None, {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()})[0],
+                          enc["attention_mask"]))
+    emb = np.concatenate(emb)
+    codec = {"precision": "int8", "min": np.array(codes["int8"]["min"], np.float32),
+             "max": np.array(codes["int8"]["max"], np.float32)}
+    got = retrieval_metrics(s, {"fp32": emb, "c": emb}, codec)["c"]
+    rec = next(a for a in m["artifacts"] if a["name"] == "fp32")["metrics"]["retrieval_codes"]["int8"]
+    assert got["recall@10_vs_fp32"] == pytest.approx(rec["recall@10_vs_fp32"], abs=2e-3)
+    from edgeq.summary import summary_table
+    head = summary_table(m).splitlines()[1]
+    assert "R@10 int8" in head and "R@10 binary" in head
+
+
 def test_torch_dynamic_baseline_row(retrieval_build):
     m, _ = retrieval_build
     bench = next(s for s in m["stages"] if s["stage"] == "benchmark")
@@ -201,6 +236,8 @@ def test_bad_retrieval_and_baseline_settings_exit_2(tiny_bert, retrieval_build, 
     for args, message in [
         ([str(tiny_bert), "--budget-metric", "retrieval", "--max-accuracy-drop", "0.05", "--eval",
           str(default_eval_path())], "--budget-metric retrieval needs a retrieval set"),
+        ([str(tiny_bert), "--embedding-precision", "int8"], "--embedding-precision measures vector-store codes"),
+        ([str(tiny_bert), "--embedding-precision", "int4"], "--embedding-precision int4: choose from int8, binary"),
         ([str(onnx_file), "--tokenizer", str(onnx_file.parent / "tokenizer"), "--torch-baseline"],
          "--torch-baseline measures PyTorch's dynamic int8 of a Hugging Face"),
     ]:
