@@ -245,3 +245,30 @@ def test_bad_retrieval_and_baseline_settings_exit_2(tiny_bert, retrieval_build, 
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_distilbert_end_to_end(tmp_path):
+    """The seeds' worked example's architecture (a small random DistilBertConfig): export, the
+    attention fusions, static and dynamic int8, and the PyTorch baseline beside them."""
+    import torch
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    from conftest import _vocab_from_calibration
+    d = tmp_path / "tiny-distilbert"
+    d.mkdir()
+    vocab = _vocab_from_calibration()
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=128)
+    DistilBertModel(cfg).eval().save_pretrained(str(d))
+    m = run_build(d, tmp_path / "out", target="x86_64", modes=("static", "dynamic"))
+    opt = next(s for s in m["stages"] if s["stage"] == "optimize")
+    assert opt["metrics"]["fused_ops"].get("Attention", 0) + opt["metrics"]["fused_ops"].get("MultiHeadAttention", 0) == 2
+    arts = {a["name"]: a["metrics"] for a in m["artifacts"]}
+    assert set(arts) == {"fp32", "int8-static", "int8-dynamic"}
+    for name in ("int8-static", "int8-dynamic"):
+        assert arts[name]["cosine"] > 0.95 and arts[name]["size_vs_fp32"] < 0.6
+    (b,) = next(s for s in m["stages"] if s["stage"] == "benchmark")["metrics"]["baselines"]
+    assert b["cosine"] > 0.95 and b["latency_p50_ms"] > 0
