@@ -145,7 +145,8 @@ def test_awq_scales_fold_into_the_graph_without_changing_what_it_computes(algo_b
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 200, size=(1, n)).astype(np.int64) for n in (9, 17, 5)]
     stats = wo.collect_stats(model, groups, rows, want_h=False, want_sample=True, sample_rows=16)
-    assert all(st.tokens == 31 and 1 <= len(st.rows()) <= 16 for st in stats.values())
+    # every token but each prompt's first (the attention sink, left out of AWQ's statistics)
+    assert all(st.tokens == 31 - 3 and 1 <= len(st.rows()) <= 16 for st in stats.values())
     inits = {i.name: i for i in model.graph.initializer}
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for g in groups.values() for n in g}
     before = {k: v.copy() for k, v in weights.items()}
