@@ -58,4 +58,6 @@ def measure(models: list[Path], inputs: Path, provider: str, threads: int, warmu
         out.append(r)
     if torch and "results" in lat and len(lat["results"]) > len(models):
         out.append(dict(lat["results"][len(models)]))
+    elif torch and lat.get("torch_error"):
+        out.append({"error": lat["torch_error"]})
     return out

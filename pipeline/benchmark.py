@@ -122,20 +122,27 @@ def _torch_baseline(ctx: BuildContext, spec: dict, result: dict | None, fp32: di
            "recipe": "torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), PyTorch eager",
            "torch": torch.__version__, "threads": threads}
     if result is None or fp32 is None or "latency_p50_ms" not in result:
-        row["error"] = "not measured: the CPU execution provider did not run here"
+        row["error"] = ("not measured: " + result["error"] if result and "error" in result else
+                        "not measured: the CPU execution provider did not run here")
+        ctx.log(f"  {BASELINE}: {row['error']}")
         return row
     torch.set_num_threads(threads)
-    model = torch_runtime.load_dynamic_int8(spec["dir"], spec["task"], spec["trust_remote_code"])
-    with tempfile.TemporaryDirectory() as tmp:
-        size = torch_runtime.state_dict_bytes(model, os.path.join(tmp, "torch-dynamic-int8.pt"))
     samples = for_build(ctx).evaluation()[0][:BASELINE_SAMPLES]
     so = ort.SessionOptions()
     so.log_severity_level = 4
     sess = ort.InferenceSession(str(ctx.path(Files.FP32)), so, providers=["CPUExecutionProvider"])
-    run = torch_runtime.forward_fn(model, spec["task"])
     wanted = [ctx.model.primary_output] if ctx.model.primary_output else None
     ref = np.concatenate([pooled(sess.run(wanted, f)[0].astype(np.float32), m) for f, m in samples])
-    got = np.concatenate([pooled(run(f).astype(np.float32), m) for f, m in samples])
+    try:  # it ran in the benchmark; a failure here is the baseline's, recorded, never the build's
+        model = torch_runtime.load_dynamic_int8(spec["dir"], spec["task"], spec["trust_remote_code"])
+        with tempfile.TemporaryDirectory() as tmp:
+            size = torch_runtime.state_dict_bytes(model, os.path.join(tmp, "torch-dynamic-int8.pt"))
+        run = torch_runtime.forward_fn(model, spec["task"])
+        got = np.concatenate([pooled(run(f).astype(np.float32), m) for f, m in samples])
+    except Exception as e:
+        row["error"] = f"not measured: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        ctx.log(f"  {BASELINE}: {row['error']}")
+        return row
     cos = row_cosine(ref, got)
     row.update({"size_bytes": size, "size_vs_fp32": round(size / fp32_size, 4),
                 "cosine": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6),

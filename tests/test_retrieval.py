@@ -272,3 +272,21 @@ def test_distilbert_end_to_end(tmp_path):
         assert arts[name]["cosine"] > 0.95 and arts[name]["size_vs_fp32"] < 0.6
     (b,) = next(s for s in m["stages"] if s["stage"] == "benchmark")["metrics"]["baselines"]
     assert b["cosine"] > 0.95 and b["latency_p50_ms"] > 0
+
+
+def test_a_baseline_pytorch_cannot_run_is_recorded_and_the_artifacts_still_measured(tmp_path):
+    """The runner: a torch spec whose model cannot load gives `torch_error`, and every ONNX model
+    is still timed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeq.measure import measure
+    g = helper.make_graph([helper.make_node("Relu", ["input_ids"], ["y"])], "g",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "in.npz", input_ids=np.ones((1, 4), np.float32))
+    rs = measure([tmp_path / "m.onnx"], tmp_path / "in.npz", "CPUExecutionProvider", 1, 1, 3, partition=False,
+                 torch={"dir": str(tmp_path / "no-such-model"), "task": "feature-extraction"})
+    assert len(rs) == 2 and rs[0]["latency_p50_ms"] > 0
+    assert "error" in rs[1] and "latency_p50_ms" not in rs[1]
