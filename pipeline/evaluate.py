@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.calib.source import for_build
-from edgeq.core import BuildContext, EdgeqError, Files, StageResult
+from edgeq.core import BuildContext, EdgeqError, StageResult
 from edgeq.metrics import fidelity, pooled, retrieval_metrics, task_metric
 
 
@@ -38,8 +38,11 @@ def run(ctx: BuildContext) -> StageResult:
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures are raised with their message below
     wanted = [ctx.model.primary_output] if ctx.model.primary_output else None  # None: the first output
+    fp32_sess = None  # kept: --embedding-precision embeds the calibration texts with it
     for a in ctx.artifacts:
         sess = ort.InferenceSession(str(ctx.path(a.path)), so, providers=["CPUExecutionProvider"])
+        if a.name == "fp32":
+            fp32_sess = sess
         raw, pools = [], []
         for feeds, mask in ctx.track(samples, len(samples), f"evaluate {a.name}"):
             try:
@@ -74,7 +77,7 @@ def run(ctx: BuildContext) -> StageResult:
                 a.metrics["retrieval"] = {k: round(v, 6) for k, v in found[a.name].items()}
             task_settings["retrieval"] = RETRIEVAL_HOW
             if ctx.config.evaluation.embedding_precisions:
-                task_settings["embedding_codes"] = _embedding_codes(ctx, sess_fp32(ctx), evalset, pools)
+                task_settings["embedding_codes"] = _embedding_codes(ctx, fp32_sess, evalset, pools)
     return StageResult(
         settings={"data": ctx.config.evaluation.path, "samples": len(samples), "batch_size": 1,
                   "reference": "fp32", "pooling": "mean over attention mask" if not classifier else "logits",
@@ -95,14 +98,6 @@ RETRIEVAL_HOW = ("the corpus ranked by cosine of mean-pooled embeddings for ever
 
 
 CODE_CALIBRATION_SAMPLES = 256  # calibration texts whose fp32 embeddings set the int8 codes' ranges
-
-
-def sess_fp32(ctx: BuildContext):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    return ort.InferenceSession(str(ctx.path(Files.FP32)), so, providers=["CPUExecutionProvider"])
 
 
 def _embedding_codes(ctx: BuildContext, sess, evalset, pools: dict) -> dict:

@@ -154,23 +154,30 @@ def test_build_reports_retrieval_and_gates_on_it(retrieval_build):
     assert json_summary(m)["artifacts"][1]["metrics"]["retrieval"] == m["artifacts"][1]["metrics"]["retrieval"]
 
 
-def test_retrieval_recomputed_from_the_artifact(retrieval_build, tmp_path):
-    """The recorded recall is what the fp32 model's own embeddings give on the file."""
+def _fp32_embeddings(manifest: dict, texts: list[str]) -> np.ndarray:
+    """Mean-pooled embeddings of `texts` by the build's fp32 artifact, one text per run."""
+    from pathlib import Path
+
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     from edgeq.metrics import pooled
-    m, data = retrieval_build
-    build_dir = __import__("pathlib").Path(m["build_dir"])
-    s = read_eval_set(data)
+    build_dir = Path(manifest["build_dir"])
     sess = ort.InferenceSession(str(build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
     tok = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
     emb = []
-    for t in s.texts:
+    for t in texts:
         enc = tok([t], return_tensors="np", truncation=True, max_length=128)
         emb.append(pooled(sess.run(None, {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()})[0],
                           enc["attention_mask"]))
-    got = retrieval_metrics(s, {"fp32": np.concatenate(emb)})["fp32"]
+    return np.concatenate(emb)
+
+
+def test_retrieval_recomputed_from_the_artifact(retrieval_build, tmp_path):
+    """The recorded recall is what the fp32 model's own embeddings give on the file."""
+    m, data = retrieval_build
+    s = read_eval_set(data)
+    got = retrieval_metrics(s, {"fp32": _fp32_embeddings(m, s.texts)})["fp32"]
     rec = next(a for a in m["artifacts"] if a["name"] == "fp32")["metrics"]["retrieval"]
     assert got["recall@10"] == pytest.approx(rec["recall@10"], abs=1e-6)
     assert got["ndcg@10"] == pytest.approx(rec["ndcg@10"], abs=1e-6)
@@ -186,20 +193,8 @@ def test_embedding_codes_measured_for_every_artifact(retrieval_build):
         rc = a["metrics"]["retrieval_codes"]
         assert set(rc) == {"int8", "binary"} and all(0 <= v <= 1 for c in rc.values() for v in c.values())
     # recomputed: fp32's own int8 codes with the recorded ranges give the recorded recall
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
-    from edgeq.metrics import pooled
-    build_dir = __import__("pathlib").Path(m["build_dir"])
     s = read_eval_set(data)
-    sess = ort.InferenceSession(str(build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    tok = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
-    emb = []
-    for t in s.texts:
-        enc = tok([t], return_tensors="np", truncation=True, max_length=128)
-        emb.append(pooled(sess.run(None, {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()})[0],
-                          enc["attention_mask"]))
-    emb = np.concatenate(emb)
+    emb = _fp32_embeddings(m, s.texts)
     codec = {"precision": "int8", "min": np.array(codes["int8"]["min"], np.float32),
              "max": np.array(codes["int8"]["max"], np.float32)}
     got = retrieval_metrics(s, {"fp32": emb, "c": emb}, codec)["c"]
