@@ -80,6 +80,24 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Qat:
+    """--mode qat: distillation fine-tuning with the static recipe's fake quantization (pipeline/ops/qat.py)."""
+    steps: int = 200
+    lr: float = 1e-5  # Adam, the Linear weights and biases
+    scale_lr: float = 1e-2  # Adam, the log of each learnt static activation scale
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("--qat-steps", self.steps, 1)
+        _at_least("--qat-batch-size", self.batch_size, 1)
+        _at_least("--qat-seed", self.seed, 0)
+        for label, v in (("--qat-lr", self.lr), ("--qat-scale-lr", self.scale_lr)):
+            if not (math.isfinite(v) and 0 < v < 1):
+                raise EdgeqError(f"{label} must be between 0 and 1 (an Adam learning rate), got {v}")
+
+
+@dataclass(frozen=True)
 class Evaluation:
     path: str
     samples: int | None  # None: all of a labelled set, 120 lines of plain text (calib.DEFAULT_TEXT_SAMPLES)
@@ -188,6 +206,7 @@ class BuildConfig:
     out: str
     vision: Vision | None = None
     int4: Int4 | None = None
+    qat: Qat | None = None  # --mode qat's training settings
     trust_remote_code: bool = False
     allow_pickle: bool = False
     export_atol: float = 1e-3
@@ -225,6 +244,7 @@ class BuildConfig:
             "evaluation": asdict(self.evaluation), "benchmark": bench,
             **({"vision": asdict(self.vision)} if self.vision else {}),
             **({"int4": asdict(self.int4)} if self.int4 else {}),
+            **({"qat": asdict(self.qat)} if self.qat else {}),
             "gates": asdict(self.gates), "trust_remote_code": self.trust_remote_code,
             "allow_pickle": self.allow_pickle, "out": self.out, "options": dict(self.options),
         }
@@ -244,7 +264,9 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                    trust_remote_code: bool = False, allow_pickle: bool = False,
                    output: str | None = None, int4_algos: tuple[str, ...] = (),
                    int4_symmetric: bool | None = None, torch_baseline: bool | None = None,
-                   embedding_precisions: tuple[str, ...] = ()) -> BuildConfig:
+                   embedding_precisions: tuple[str, ...] = (), qat_steps: int | None = None,
+                   qat_lr: float | None = None, qat_scale_lr: float | None = None,
+                   qat_batch_size: int | None = None, qat_seed: int | None = None) -> BuildConfig:
     """Check every user input before anything is written; return the fully resolved config.
 
     The model, the data and the target are checked here (files exist, parse, fit the model); the
@@ -396,6 +418,15 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
     if torch_baseline and not hf_encoder:
         raise EdgeqError("--torch-baseline measures PyTorch's dynamic int8 of a Hugging Face encoder: "
                          f"{model_path.name} is {'a causal LM' if family == 'causal-lm' else 'not a Hugging Face model directory'}")
+    qat_given = {k: v for k, v in (("steps", qat_steps), ("lr", qat_lr), ("scale_lr", qat_scale_lr),
+                                   ("batch_size", qat_batch_size), ("seed", qat_seed)) if v is not None}
+    if qat_given and "qat" not in modes:
+        raise EdgeqError("--qat-steps/--qat-lr/--qat-scale-lr/--qat-batch-size/--qat-seed set how --mode qat "
+                         "fine-tunes; this build makes no int8-qat artifact (add --mode qat)")
+    if "qat" in modes and not hf_encoder:
+        raise EdgeqError("--mode qat fine-tunes the PyTorch model: it needs a Hugging Face encoder directory; "
+                         f"{model_path.name} is {'a causal LM' if family == 'causal-lm' else 'an image model' if family == 'vision' else 'not one (an .onnx is quantized as it is given)'}")
+    qat = Qat(**qat_given) if "qat" in modes else None
     cpu_first = profile.execution_providers[0] == "CPUExecutionProvider"
     benchmark = Benchmark(batch_size=batch_size, seq_len=seq_len, runs=runs, warmup=warmup, threads=threads,
                           new_tokens=new_tokens if family == "causal-lm" else None,
@@ -416,7 +447,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                       eval_is_calibration_folder=eval_file == calib_file) if family == "vision" else None,
         int4=(int4 or Int4(block_size=block_size, symmetric=int4_symmetric, accuracy_level=accuracy_level,
                            embeddings=True, algorithms=algos))
-        if "int4" in modes or "nf4" in modes else None,
+        if "int4" in modes or "nf4" in modes else None, qat=qat,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, target_reason=target_reason, output=output,
         options={
             "model": given_model if given_model is None else str(model_path) if kind != "module" else model,
@@ -432,6 +463,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
             "accuracy_level": accuracy_level, "new_tokens": new_tokens,
             **({"torch_baseline": torch_baseline} if torch_baseline is not None else {}),
             **({"embedding_precisions": list(embedding_precisions)} if embedding_precisions else {}),
+            **{f"qat_{k}": v for k, v in qat_given.items()},
             **({"int4_algos": list(int4_algos)} if int4_algos else {}),
             **({"int4_symmetric": int4_symmetric} if int4_symmetric is not None else {}),
             "input_shape": list(input_shape) if input_shape else None, "preprocess": preprocess,
@@ -515,6 +547,13 @@ BUILD_OPTIONS = [
                  help="Retrieval --eval set: also measure every artifact's retrieval with its embeddings stored as a "
                       "vector store would keep them: int8 (per-dimension ranges calibrated on the calibration "
                       "texts) or binary (one bit per dimension); repeatable or comma-separated."),
+    click.option("--qat-steps", type=int, help="--mode qat: fine-tuning steps (batches), default 200."),
+    click.option("--qat-lr", type=float, help="--mode qat: Adam learning rate of the weights, default 1e-5."),
+    click.option("--qat-scale-lr", type=float, help="--mode qat: Adam learning rate of the learnt activation "
+                                                    "scales (their logs), default 1e-2."),
+    click.option("--qat-batch-size", type=int, help="--mode qat: calibration texts a step, default 16."),
+    click.option("--qat-seed", type=int, help="--mode qat: seed of the data order (the build is deterministic "
+                                              "for a seed on one machine), default 0."),
     click.option("--trust-remote-code", is_flag=True,
                  help="Allow a Hugging Face model's own Python code (auto_map) to run. Off: such a model is refused."),
     click.option("--allow-pickle", is_flag=True,

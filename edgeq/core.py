@@ -44,6 +44,8 @@ class Files:
     EXPORTED = "work/export/model.onnx"
     FUSED = "work/model.fused.onnx"
     FP32 = "model.fp32.onnx"
+    QAT_FP32 = "work/model.qat-fp32.onnx"  # the fp32 graph with --mode qat's fine-tuned weights
+    QAT_RANGES = "calibration/ranges-qat.json"  # the calibration cache with --mode qat's learnt ranges
     CALIB_DIR = "calibration"
     LM_ABSMAX = "calibration/absmax.npz"  # a causal LM's SmoothQuant statistics (it has no ranges)
     TOKENIZER_DIR = "tokenizer"

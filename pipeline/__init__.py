@@ -38,9 +38,9 @@ STAGES = (
     Stage("optimize"),  # makes the fp32 artifact, which every build has
     # activation ranges for static int8 and the hybrid search; SmoothQuant's statistics for any
     # smoothed mode (dynamic int8 included)
-    Stage("calibrate", needed_also=lambda ctx: bool({"static", "hybrid"} & set(ctx.config.modes))
+    Stage("calibrate", needed_also=lambda ctx: bool({"static", "hybrid", "qat"} & set(ctx.config.modes))
           or ctx.smoothing.measured),
-    Stage("quantize", makes=("static", "dynamic", "int4", "nf4")),
+    Stage("quantize", makes=("static", "dynamic", "qat", "int4", "nf4")),
     Stage("precision", makes=("fp16", "hybrid")),
     Stage("evaluate"),
     Stage("benchmark"),

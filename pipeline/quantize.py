@@ -118,13 +118,19 @@ def _nf4(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 def _static(ctx: BuildContext) -> tuple[dict, dict]:
+    return _static_recipe(ctx, ctx.path(Files.FP32), "int8-static", ctx.calibration.ranges_path)
+
+
+def _static_recipe(ctx: BuildContext, src: Path, name: str, ranges_path: Path, mode: str = "static",
+                   extra_settings: dict | None = None) -> tuple[dict, dict]:
+    """The target's static recipe on the fp32 graph at `src` with the activation ranges at
+    `ranges_path`: int8-static from the export, int8-qat from the fine-tuned weights and learnt ranges."""
     import onnx
 
     r = ctx.static
     cal = ctx.calibration
     method = cal.method
-    src = ctx.path(Files.FP32)
-    out = ctx.path(Files.model("int8-static"))
+    out = ctx.path(Files.model(name))
     # the nodes whose smoothed inputs the calibrate stage measured (calibrate._smoothed_ranges)
     smoothed = cal.static_smoothed
     model = onnx.load(str(src), load_external_data=bool(smoothed))  # smoothing rescales the weights
@@ -144,7 +150,7 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
                              "delete the build's .cache folder and build again")
         settings["smoothquant"] = {"alpha": r.smooth_alpha, "nodes": len(done)}
     with as_file(model if smoothed else src, out) as path:
-        corrected = quantize_static_recipe(path, out, r, cal.ranges_path, method,
+        corrected = quantize_static_recipe(path, out, r, ranges_path, method,
                                            exclude=[k["node"] for k in kept], means_path=cal.means_path)
     skipped = _not_quantized(out, quantized)
     if len(skipped) == len(quantized):
@@ -157,8 +163,9 @@ def _static(ctx: BuildContext) -> tuple[dict, dict]:
     if r.fallback == "dynamic":
         kept, extra = _dynamic_fallback(ctx, out, kept)
         settings["fallback"] = {"mode": "dynamic", "recipe": "[dynamic]", **extra.pop("settings")}
-    ctx.artifacts.append(Artifact(name="int8-static", path=Files.model("int8-static"), precision="int8",
-                                  recipe={"mode": "static", **settings, "kept_float": kept}))
+    settings.update(extra_settings or {})
+    ctx.artifacts.append(Artifact(name=name, path=Files.model(name), precision="int8",
+                                  recipe={"mode": mode, **settings, "kept_float": kept}))
     return settings, {"quantized_nodes": len(quantized) - len(skipped), "kept_float": kept, **corrected, **extra,
                       "size_bytes": model_size_bytes(out)}
 
@@ -233,5 +240,53 @@ def _smooth(ctx: BuildContext, model, nodes: set[str] | None, fold: bool = False
     return smooth.smooth(model, smooth.load_absmax(path), ctx.target.dynamic.smooth_alpha, nodes, fold=fold)
 
 
+def _qat(ctx: BuildContext) -> tuple[dict, dict]:
+    """int8-qat: the Hugging Face model fine-tuned by distillation with the static recipe's fake
+    quantization (pipeline/ops/qat.py), its weights written into the fp32 graph and its learnt
+    activation ranges into a copy of the calibration cache, then the unchanged static recipe."""
+    import json
+    import time
+
+    import onnx
+
+    from edgeq.calib.source import for_build
+    from edgeq.pipeline.ops import qat
+
+    r, cal, cfg = ctx.static, ctx.calibration, ctx.config.qat
+    model = onnx.load(str(ctx.path(Files.FP32)))
+    kept, quantized = static_plan(model, r)
+    if not quantized:
+        raise EdgeqError(f"qat: the model has no {'/'.join(r.op_types)} nodes to quantize")
+    dynamic = set()
+    if r.fallback == "dynamic":  # what _dynamic_fallback quantizes dynamically
+        kept_names, dyn_ops = {k["node"] for k in kept}, set(ctx.target.dynamic.op_types)
+        dynamic = {n.name for n in model.graph.node if n.name and n.op_type in dyn_ops
+                   and (n.name in kept_names or n.op_type not in set(r.op_types))}
+    cache = json.loads(Path(cal.ranges_path).read_text())
+    ranges = {k: (float(v["lowest"]["data"]), float(v["highest"]["data"])) for k, v in cache["data"].items()}
+    absmax = smooth.load_absmax(cal.absmax_path) if cal.absmax_path and Path(cal.absmax_path).is_file() else None
+    t0 = time.perf_counter()
+    result = qat.fine_tune(
+        ctx.model_path, ctx.model.task or "feature-extraction", model, set(quantized), dynamic, ranges, absmax,
+        static_alpha=r.smooth_alpha if cal.static_smoothed else None,
+        dynamic_alpha=ctx.target.dynamic.smooth_alpha if ctx.smoothing.dynamic else None,
+        smoothed_static=set(cal.static_smoothed), reduce_range=r.reduce_range, config=cfg,
+        data=for_build(ctx), track=ctx.track, trust_remote_code=ctx.config.trust_remote_code)
+    seconds = round(time.perf_counter() - t0, 1)
+    tuned = ctx.path(Files.QAT_FP32)
+    onnx.save(model, str(tuned))
+    for k, (lo, hi) in result["ranges"].items():  # the learnt ranges replace the calibrated ones
+        cache["data"][k]["lowest"]["data"], cache["data"][k]["highest"]["data"] = lo, hi
+    ranges_path = ctx.path(Files.QAT_RANGES)
+    ranges_path.write_text(json.dumps(cache))
+    settings = {"qat": {"how": qat.HOW, "steps": cfg.steps, "lr": cfg.lr, "scale_lr": cfg.scale_lr,
+                        "batch_size": cfg.batch_size, "seed": cfg.seed, "calibration_samples": result["samples"],
+                        "fake_quantized_linears": result["sites"], "static": result["static"],
+                        "learnt_ranges": len(result["ranges"]), "loss_first": result["loss_first"],
+                        "loss_last": result["loss_last"], "seconds": seconds}}
+    s, m = _static_recipe(ctx, tuned, "int8-qat", ranges_path, mode="qat", extra_settings=settings)
+    return s, {**m, "qat_seconds": seconds}
+
+
 # mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
-MODES = {"static": _static, "dynamic": _dynamic, "int4": _int4, "nf4": _nf4}
+MODES = {"static": _static, "dynamic": _dynamic, "qat": _qat, "int4": _int4, "nf4": _nf4}

@@ -16,7 +16,7 @@ from typing import Any
 from edgeq.core import EdgeqError
 
 QUANT_TYPES = {"int8", "uint8"}
-MODES = ("static", "dynamic", "fp16", "hybrid", "int4", "nf4")
+MODES = ("static", "dynamic", "fp16", "hybrid", "int4", "nf4", "qat")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
                 "reduced_ops": bool, "mobile_readme": bool}
@@ -159,8 +159,8 @@ class Target:
         static = self.static_for(family)
         return Smoothing(
             dynamic=self.dynamic.smooth_alpha > 0 and (
-                "dynamic" in modes or ("static" in modes and static.fallback == "dynamic")),
-            static="static" in modes and static.smooth_alpha > 0)
+                "dynamic" in modes or (bool({"static", "qat"} & modes) and static.fallback == "dynamic")),
+            static=bool({"static", "qat"} & modes) and static.smooth_alpha > 0)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
