@@ -82,7 +82,7 @@ class Calibration:
 @dataclass(frozen=True)
 class Qat:
     """--mode qat: distillation fine-tuning with the static recipe's fake quantization (pipeline/ops/qat.py)."""
-    steps: int = 200
+    steps: int = 400
     lr: float = 1e-5  # Adam, the Linear weights and biases
     scale_lr: float = 1e-2  # Adam, the log of each learnt static activation scale
     batch_size: int = 16
@@ -547,7 +547,7 @@ BUILD_OPTIONS = [
                  help="Retrieval --eval set: also measure every artifact's retrieval with its embeddings stored as a "
                       "vector store would keep them: int8 (per-dimension ranges calibrated on the calibration "
                       "texts) or binary (one bit per dimension); repeatable or comma-separated."),
-    click.option("--qat-steps", type=int, help="--mode qat: fine-tuning steps (batches), default 200."),
+    click.option("--qat-steps", type=int, help="--mode qat: fine-tuning steps (batches), default 400."),
     click.option("--qat-lr", type=float, help="--mode qat: Adam learning rate of the weights, default 1e-5."),
     click.option("--qat-scale-lr", type=float, help="--mode qat: Adam learning rate of the learnt activation "
                                                     "scales (their logs), default 1e-2."),
