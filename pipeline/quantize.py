@@ -193,11 +193,7 @@ def _dynamic_fallback(ctx: BuildContext, path: Path, kept: list[dict]) -> tuple[
     import onnx
 
     model = onnx.load(str(path))
-    dyn_ops = set(ctx.target.dynamic.op_types)
-    static_ops = set(ctx.static.op_types)
-    kept_names = {k["node"] for k in kept}
-    nodes = [n.name for n in model.graph.node if n.name and n.op_type in dyn_ops
-             and (n.name in kept_names or n.op_type not in static_ops)]
+    nodes = _fallback_nodes(ctx, model, kept)
     if not nodes:
         return kept, {"settings": {"nodes": 0}}
     smoothed = _smooth(ctx, model, set(nodes))
@@ -209,6 +205,15 @@ def _dynamic_fallback(ctx: BuildContext, path: Path, kept: list[dict]) -> tuple[
     settings = {"nodes": len(done), **({"smoothquant": {"alpha": ctx.target.dynamic.smooth_alpha,
                                                         "nodes": len(smoothed)}} if smoothed else {})}
     return still, {"settings": settings, "dynamic_nodes": done}
+
+
+def _fallback_nodes(ctx: BuildContext, model, kept: list[dict]) -> list[str]:
+    """The nodes the dynamic fallback quantizes: of the [dynamic] recipe's op types, those the static
+    recipe kept float and those of op types it does not quantize."""
+    dyn_ops, static_ops = set(ctx.target.dynamic.op_types), set(ctx.static.op_types)
+    kept_names = {k["node"] for k in kept}
+    return [n.name for n in model.graph.node if n.name and n.op_type in dyn_ops
+            and (n.name in kept_names or n.op_type not in static_ops)]
 
 
 def _dynamic(ctx: BuildContext) -> tuple[dict, dict]:
@@ -244,10 +249,11 @@ def _qat(ctx: BuildContext) -> tuple[dict, dict]:
     """int8-qat: the Hugging Face model fine-tuned by distillation with the static recipe's fake
     quantization (pipeline/ops/qat.py), its weights written into the fp32 graph and its learnt
     activation ranges into a copy of the calibration cache, then the unchanged static recipe."""
-    import json
     import time
 
+    import numpy as np
     import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
 
     from edgeq.calib.source import for_build
     from edgeq.pipeline.ops import qat
@@ -257,13 +263,9 @@ def _qat(ctx: BuildContext) -> tuple[dict, dict]:
     kept, quantized = static_plan(model, r)
     if not quantized:
         raise EdgeqError(f"qat: the model has no {'/'.join(r.op_types)} nodes to quantize")
-    dynamic = set()
-    if r.fallback == "dynamic":  # what _dynamic_fallback quantizes dynamically
-        kept_names, dyn_ops = {k["node"] for k in kept}, set(ctx.target.dynamic.op_types)
-        dynamic = {n.name for n in model.graph.node if n.name and n.op_type in dyn_ops
-                   and (n.name in kept_names or n.op_type not in set(r.op_types))}
-    cache = json.loads(Path(cal.ranges_path).read_text())
-    ranges = {k: (float(v["lowest"]["data"]), float(v["highest"]["data"])) for k, v in cache["data"].items()}
+    dynamic = set(_fallback_nodes(ctx, model, kept)) if r.fallback == "dynamic" else set()
+    cache = load_tensors_data(cal.ranges_path)  # ORT's calibration cache, as the calibrate stage saved it
+    ranges = {k: tuple(float(x) for x in v.range_value) for k, v in cache.items()}
     absmax = smooth.load_absmax(cal.absmax_path) if cal.absmax_path and Path(cal.absmax_path).is_file() else None
     t0 = time.perf_counter()
     result = qat.fine_tune(
@@ -276,9 +278,9 @@ def _qat(ctx: BuildContext) -> tuple[dict, dict]:
     tuned = ctx.path(Files.QAT_FP32)
     onnx.save(model, str(tuned))
     for k, (lo, hi) in result["ranges"].items():  # the learnt ranges replace the calibrated ones
-        cache["data"][k]["lowest"]["data"], cache["data"][k]["highest"]["data"] = lo, hi
+        cache[k].lowest, cache[k].highest = np.array(lo, np.float32), np.array(hi, np.float32)
     ranges_path = ctx.path(Files.QAT_RANGES)
-    ranges_path.write_text(json.dumps(cache))
+    save_tensors_data(cache, ranges_path)
     settings = {"qat": {"how": qat.HOW, "steps": cfg.steps, "lr": cfg.lr, "scale_lr": cfg.scale_lr,
                         "batch_size": cfg.batch_size, "seed": cfg.seed, "calibration_samples": result["samples"],
                         "fake_quantized_linears": result["sites"], "static": result["static"],
