@@ -312,6 +312,18 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if wrong:
             raise EdgeqError(f"mode {', '.join(wrong)} is not built for causal language models "
                              f"(they get {', '.join(LM_ALLOWED)}: a decoder's activation ranges are not calibrated)")
+    # A Q/DQ .onnx (a QAT export, say) is built as `int8-qdq`, kept as it is, beside its float
+    # reference (pipeline/ops/qdq.py); other modes asked for are built from that reference.
+    given_qdq = kind == "onnx" and intake.quantized_form(model_path) == "qdq"
+    if "qdq" in modes and not given_qdq:
+        raise EdgeqError("--mode qdq keeps a Q/DQ model as it is given: it needs an .onnx with "
+                         f"QuantizeLinear/DequantizeLinear nodes, and {model_path.name if kind != 'module' else model} has none")
+    if given_qdq:
+        intake.check_qdq(model_path)
+        if family == "causal-lm":
+            raise EdgeqError(f"{model_path.name} is a Q/DQ causal LM: edgeq builds causal LMs from float weights "
+                             "(dynamic int8, int4); give it the float model")
+        modes = tuple(dict.fromkeys(("qdq",) + tuple(modes)))
     algos = tuple(dict.fromkeys(a.strip().lower() for v in int4_algos for a in v.split(",") if a.strip()))
     if int4_algos and not algos:
         raise EdgeqError(f"--int4-algo needs an algorithm (choose from: {', '.join(INT4_ALGOS)})")

@@ -46,6 +46,7 @@ class Files:
     FP32 = "model.fp32.onnx"
     QAT_FP32 = "work/model.qat-fp32.onnx"  # the fp32 graph with --mode qat's fine-tuned weights
     QAT_RANGES = "calibration/ranges-qat.json"  # the calibration cache with --mode qat's learnt ranges
+    GIVEN_QDQ = "work/export/model.given-qdq.onnx"  # a Q/DQ model as the user gave it (EXPORTED: its float reference)
     CALIB_DIR = "calibration"
     LM_ABSMAX = "calibration/absmax.npz"  # a causal LM's SmoothQuant statistics (it has no ranges)
     TOKENIZER_DIR = "tokenizer"

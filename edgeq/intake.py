@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import stat
+from collections import Counter
 from pathlib import Path
 
 from edgeq.core import EdgeqError, cpu_flags, external_location, model_tensors, read_json_object
@@ -123,6 +124,45 @@ def family(model_path: Path, kind: str) -> str:
         if any(n.startswith("past_key_values.") for n in names):
             return "causal-lm"
     return "encoder"
+
+
+# Operators that compute on integers or packed low-bit weights: a model holding them was quantized
+# by some tool already, and edgeq cannot recover its float model (a Q/DQ model it can: pipeline/ops/qdq.py)
+PREQUANTIZED_OPS = ("QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConv",
+                    "ConvInteger", "QEmbedLayerNormalization", "QGemm", "QLinearAdd", "QLinearMul",
+                    "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "MatMulNBits", "MatMulBnb4",
+                    "GatherBlockQuantized", "DynamicQuantizeLinear")
+
+
+def quantized_form(path: Path) -> str | None:
+    """None for a float .onnx, "qdq" for one with QuantizeLinear/DequantizeLinear nodes (a QAT
+    export, or another tool's static int8 in QDQ format: built as `int8-qdq`, kept as it is); a
+    user error for one with integer operators (QOperator or dynamic int8, int4 weights)."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    integer = {op: ops[op] for op in PREQUANTIZED_OPS if ops.get(op)}
+    if integer:
+        found = ", ".join(f"{k} x{v}" for k, v in sorted(integer.items(), key=lambda kv: -kv[1])[:3])
+        raise EdgeqError(f"{path.name} is already quantized ({found}): edgeq builds from a float model, or from a "
+                         "Q/DQ model (QuantizeLinear/DequantizeLinear), which it keeps as it is; give it the float model")
+    return "qdq" if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") else None
+
+
+def check_qdq(path: Path) -> None:
+    """A Q/DQ .onnx must be one whose float reference can be made (pipeline/ops/qdq.py), with its
+    weights inside the file: else a user error, before anything is written."""
+    import onnx
+
+    from edgeq.pipeline.ops.qdq import unstrippable
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model_tensors(model)):
+        raise EdgeqError(f"{path.name}: a Q/DQ model with external data is not supported "
+                         "(save it with its weights inside the .onnx)")
+    why = unstrippable(model)
+    if why:
+        raise EdgeqError(f"{path.name}: cannot make the float model of this Q/DQ graph: {why}")
 
 
 def check_hf_model(model_dir: Path, tokenizer_dir: Path, family: str = "encoder") -> dict:

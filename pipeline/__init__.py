@@ -40,7 +40,7 @@ STAGES = (
     # smoothed mode (dynamic int8 included)
     Stage("calibrate", needed_also=lambda ctx: bool({"static", "hybrid", "qat"} & set(ctx.config.modes))
           or ctx.smoothing.measured),
-    Stage("quantize", makes=("static", "dynamic", "qat", "int4", "nf4")),
+    Stage("quantize", makes=("static", "dynamic", "qat", "qdq", "int4", "nf4")),
     Stage("precision", makes=("fp16", "hybrid")),
     Stage("evaluate"),
     Stage("benchmark"),

@@ -180,11 +180,33 @@ def _take_onnx(ctx: BuildContext, out_dir: Path) -> StageResult:
         shutil.copyfile(cfg, ctx.path(Files.MODEL_CONFIG))
     task = ctx.config.task or (infer_task(hf_config) if hf_config else "feature-extraction")
     ctx.model = ModelFacts(task=task, hf_config=hf_config)
-    return StageResult(
-        settings={"source": str(src), "kind": "onnx"},
-        outputs=[Files.EXPORTED],
-        metrics={"source_sha256": sha256_file(src), "checker": "passed"},
-    )
+    settings, outputs = {"source": str(src), "kind": "onnx"}, [Files.EXPORTED]
+    if "qdq" in ctx.config.modes:  # config: the given model has Q/DQ nodes
+        settings["qdq_removed"] = _float_reference(ctx)
+        outputs.append(Files.GIVEN_QDQ)
+    return StageResult(settings=settings, outputs=outputs,
+                       metrics={"source_sha256": sha256_file(src), "checker": "passed"})
+
+
+def _float_reference(ctx: BuildContext) -> dict:
+    """A Q/DQ model as given: copied to Files.GIVEN_QDQ (from which the quantize stage makes
+    int8-qdq), and Files.EXPORTED replaced by its float reference, the graph with its Q/DQ nodes
+    taken out (pipeline/ops/qdq.py), which the build goes on from as from any float .onnx."""
+    import onnx
+
+    from edgeq.pipeline.ops import qdq
+
+    exported, given = ctx.path(Files.EXPORTED), ctx.path(Files.GIVEN_QDQ)
+    shutil.copyfile(exported, given)
+    stripped, counts = qdq.strip(onnx.load(str(exported)))  # config checked that it can (intake.check_qdq)
+    try:
+        onnx.checker.check_model(stripped)
+    except Exception as e:  # onnx raises ValidationError and others
+        raise EdgeqError(f"{ctx.model_path.name}: its graph without Q/DQ nodes is not a valid model: "
+                         f"{_first_line(e)}") from None
+    onnx.save(stripped, str(exported))
+    return {**counts, "how": "the given Q/DQ graph with its QuantizeLinear/DequantizeLinear nodes taken out: "
+                              "activation pairs become the float tensor, weights their float (or de-quantized) values"}
 
 
 def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:

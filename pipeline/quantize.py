@@ -291,4 +291,29 @@ def _qat(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 # mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
-MODES = {"static": _static, "dynamic": _dynamic, "qat": _qat, "int4": _int4, "nf4": _nf4}
+def _qdq(ctx: BuildContext) -> tuple[dict, dict]:
+    """int8-qdq: the user's own Q/DQ model (a QAT export, say) as given: the same nodes, scales and
+    zero points (the user's decisions). Only a weight stored as float and quantized at every load
+    (QuantizeLinear of a constant, as torch.onnx exports FakeQuantize) is quantized once here, by
+    ONNX Runtime's QuantizeLinear, so the file holds int8 weights computing the same values."""
+    import onnx
+
+    from edgeq.pipeline.ops import qdq
+
+    name = "int8-qdq"
+    out = ctx.path(Files.model(name))
+    model, folded = qdq.fold_weights(onnx.load(str(ctx.path(Files.GIVEN_QDQ))))
+    onnx.save(model, str(out))
+    check(out)
+    facts = qdq.describe(model)
+    types = set(facts["weight_types"]) | set(facts["activation_types"])
+    precision = "int8" if types <= {"int8", "uint8"} else "+".join(sorted(types))
+    settings = {"format": "QDQ", "how": "the given Q/DQ model, kept as it is (its own scales and zero points); "
+                "weights stored as float quantized once at build time by ONNX Runtime's QuantizeLinear",
+                "source": str(ctx.model_path), "weights_quantized_at_build": folded, **facts}
+    ctx.artifacts.append(Artifact(name=name, path=Files.model(name), precision=precision,
+                                  recipe={"mode": "qdq", **settings}))
+    return settings, {"size_bytes": model_size_bytes(out)}
+
+
+MODES = {"static": _static, "dynamic": _dynamic, "qat": _qat, "qdq": _qdq, "int4": _int4, "nf4": _nf4}

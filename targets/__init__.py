@@ -16,7 +16,7 @@ from typing import Any
 from edgeq.core import EdgeqError
 
 QUANT_TYPES = {"int8", "uint8"}
-MODES = ("static", "dynamic", "fp16", "hybrid", "int4", "nf4", "qat")
+MODES = ("static", "dynamic", "fp16", "hybrid", "int4", "nf4", "qat", "qdq")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 PACKAGE_KEYS = {"ort_format": bool, "ort_optimization_style": str, "ort_target_platform": str,
                 "reduced_ops": bool, "mobile_readme": bool}
@@ -129,8 +129,9 @@ class Target:
             raise ValueError(f"name must be letters, digits, '.', '_' or '-' and not start with '.', got {self.name!r}")
         if not self.execution_providers:
             raise ValueError("execution_providers must list at least one provider")
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a non-empty subset of {list(MODES)}, got {list(self.modes)}")
+        # qdq is not a default: it is the given model's own quantization, made when the input has it
+        if not self.modes or any(m not in MODES or m == "qdq" for m in self.modes):
+            raise ValueError(f"modes must be a non-empty subset of {[m for m in MODES if m != 'qdq']}, got {list(self.modes)}")
         if self.arch not in ("x86_64", "aarch64", "any"):
             raise ValueError(f"arch must be x86_64, aarch64 or any, got {self.arch!r}")
         for k, v in self.package.items():

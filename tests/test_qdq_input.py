@@ -1,0 +1,151 @@
+"""A user's own Q/DQ model as input (issue 19): a QAT export by torch.onnx (FakeQuantize written as
+QuantizeLinear/DequantizeLinear, float weights) and ONNX Runtime's static QDQ (int8 weights) are
+built as `int8-qdq` with their own scales and zero points, beside a float reference made by taking
+the Q/DQ nodes out (pipeline/ops/qdq.py); models with integer operators are refused."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from conftest import run_build
+from foreign_exports import export_qdq
+
+from edgeq.pipeline.ops import qdq
+
+FEEDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _run(model, feeds: dict) -> np.ndarray:
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _scales(model) -> list[bytes]:
+    """Every DequantizeLinear's and every activation QuantizeLinear's scale and zero point."""
+    consts = qdq._constants(model)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" or (n.op_type == "QuantizeLinear" and n.input[0] not in consts):
+            out.append(n.op_type.encode() + b"".join(consts[i].tobytes() for i in n.input[1:] if i))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def qat_export(tiny_bert, tmp_path_factory) -> Path:
+    return export_qdq(tiny_bert, tmp_path_factory.mktemp("qat-export") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def qdq_build(qat_export, tmp_path_factory) -> dict:
+    return run_build(qat_export, tmp_path_factory.mktemp("qdq-out"), target="x86_64", modes=("static",))
+
+
+def test_qat_export_is_kept_with_its_scales(qat_export, qdq_build):
+    by = {a["name"]: a for a in qdq_build["artifacts"]}
+    assert set(by) == {"fp32", "int8-qdq", "int8-static"}  # the given model is always built, beside what is asked
+    bdir = Path(qdq_build["build_dir"])
+    given, art = onnx.load(str(qat_export)), onnx.load(str(bdir / "model.int8-qdq.onnx"))
+    assert _scales(art) == _scales(given)  # the user's scales and zero points, all of them
+    ref = np.load(qat_export.parent / "reference.npz")
+    feeds = {k: ref[k] for k in FEEDS}
+    # the same computation: the weights quantized once here give exactly what the given graph computes
+    np.testing.assert_array_equal(_run(art, feeds), _run(given, feeds))
+    np.testing.assert_allclose(_run(given, feeds), ref["fake_quantized"], atol=1e-5)
+    recipe = by["int8-qdq"]["recipe"]
+    assert recipe["mode"] == "qdq" and by["int8-qdq"]["precision"] == "int8"
+    assert recipe["weights_quantized_at_build"] == 12  # 2 layers x 6 Linear
+    assert recipe["weight_types"] == {"int8": 12} and recipe["activation_types"] == {"uint8": 8}
+    assert recipe["weight_per_channel"] is True and recipe["weight_symmetric"] is True
+    assert recipe["activation_symmetric"] is False
+    consts = qdq._constants(art)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in consts for n in art.graph.node)
+    assert (bdir / "model.int8-qdq.onnx").stat().st_size < 0.85 * qat_export.stat().st_size
+    # the float reference: no Q/DQ node left, and it computes the float model PyTorch had
+    export = next(s for s in qdq_build["stages"] if s["stage"] == "export")
+    removed = export["settings"]["qdq_removed"]
+    assert (removed["activation_pairs"], removed["float_weights"]) == (8, 12)
+    assert not _ops(bdir / "model.fp32.onnx") & {"QuantizeLinear", "DequantizeLinear"}
+    np.testing.assert_allclose(_run(bdir / "model.fp32.onnx", feeds), ref["float"], atol=1e-4)
+    # evaluated, benchmarked and packaged like every other artifact
+    assert 0.9 < by["int8-qdq"]["metrics"]["cosine"] <= 1.0 + 1e-6
+    assert by["int8-qdq"]["metrics"]["latency_p50_ms"] > 0
+    assert any(f["path"] == "model.int8-qdq.onnx" for f in qdq_build["files"])
+
+
+def test_onnxruntime_qdq_model_with_int8_weights(qdq_build, tmp_path):
+    """ORT's own static QDQ (int8 weight initializers, symmetric int8 activations, as TensorRT
+    takes them): nothing to quantize at build time, and the float reference holds its de-quantized
+    weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    bdir = Path(qdq_build["build_dir"])
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(5, 300, (2, 10)), "attention_mask": np.ones((2, 10), np.int64),
+                "token_type_ids": np.zeros((2, 10), np.int64)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src = tmp_path / "given"
+    src.mkdir()
+    for f in (bdir / "tokenizer").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    float_model = bdir / "model.fp32.onnx"  # the QAT export's float reference, fused (its weights constants)
+    quantize_static(str(float_model), str(src / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"], extra_options={"ActivationSymmetric": True})
+    m = run_build(src / "model.onnx", tmp_path / "out", target="x86_64")
+    by = {a["name"]: a for a in m["artifacts"]}
+    assert set(by) == {"fp32", "int8-qdq"}
+    recipe = by["int8-qdq"]["recipe"]
+    assert recipe["weights_quantized_at_build"] == 0
+    assert set(recipe["activation_types"]) == {"int8"} and recipe["activation_symmetric"] is True
+    assert _scales(onnx.load(str(Path(m["build_dir"]) / "model.int8-qdq.onnx"))) == _scales(onnx.load(str(src / "model.onnx")))
+    export = next(s for s in m["stages"] if s["stage"] == "export")
+    given = onnx.load(str(src / "model.onnx"))
+    inits = {i.name for i in given.graph.initializer}
+    weights = sum(n.op_type == "DequantizeLinear" and n.input[0] in inits for n in given.graph.node)
+    assert weights >= 6  # at least each layer's attention output and FFN MatMuls
+    assert export["settings"]["qdq_removed"]["dequantized_weights"] == weights
+    feeds = {k: v for k, v in batches[0].items()}
+    ref = _run(float_model, feeds)
+    got = _run(Path(m["build_dir"]) / "model.fp32.onnx", feeds)
+    err = float(np.abs(ref - got).max())
+    assert 0 < err < 0.05 * float(np.abs(ref).max())  # de-quantized int8 weights: close to the float ones, not equal
+
+
+def test_quantized_inputs_refused_exit_2(qat_export, qdq_build, tmp_path):
+    bdir = Path(qdq_build["build_dir"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    m = onnx.load(str(qat_export))
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in qdq._constants(m))
+    m.graph.output.append(helper.make_tensor_value_info(q.output[0], onnx.TensorProto.UINT8, ["b", "s", 32]))
+    onnx.save(m, str(bad / "model.onnx"))
+    tok = ["--tokenizer", str(bdir / "tokenizer")]
+    for args, message in [
+        ([str(bdir / "model.int8-static.onnx"), *tok], "is already quantized (DynamicQuantizeLinear"),
+        ([str(bdir / "model.fp32.onnx"), *tok, "--mode", "qdq"], "--mode qdq keeps a Q/DQ model as it is given"),
+        ([str(bad / "model.onnx"), *tok], "cannot make the float model of this Q/DQ graph: QuantizeLinear"),
+    ]:
+        out = tmp_path / "out"
+        r = subprocess.run([sys.executable, "-m", "edgeq", "build", *args, "--out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not list(out.rglob("manifest.json")) and not list(out.rglob("*.onnx"))
