@@ -402,6 +402,12 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         for label, v in (("--seq-len", seq_len), ("--max-length", max_length)):
             if isinstance(positions, int) and v > positions:
                 raise EdgeqError(f"{label} {v} exceeds the model's {positions} positions (max_position_embeddings)")
+        archs = [a for a in hf_config.get("architectures") or [] if isinstance(a, str)]
+        classifier = task == "text-classification" or (task is None and any(a.endswith("ForSequenceClassification")
+                                                                             for a in archs))
+        if eval_kind == "retrieval" and classifier:
+            raise EdgeqError(f"{eval_file.name} is a retrieval set, scored on embeddings; {model_path.name} is a "
+                             "text classifier (its output is class logits): evaluate it on text+label JSONL")
     if kind == "onnx":  # already through onnx.checker: intake.family() reads its inputs
         text_data = calib_file.suffix.lower() != ".npz" or eval_file.suffix.lower() != ".npz"
         tok_dir = Path(tokenizer) if tokenizer else model_path.parent

@@ -224,7 +224,7 @@ def test_torch_dynamic_baseline_row(retrieval_build):
     assert not any("torch" in f["path"] for f in m["files"])
 
 
-def test_bad_retrieval_and_baseline_settings_exit_2(tiny_bert, retrieval_build, tmp_path):
+def test_bad_retrieval_and_baseline_settings_exit_2(tiny_bert, tiny_classifier, retrieval_build, tmp_path):
     from edgeq.calib import default_eval_path
 
     onnx_file = __import__("pathlib").Path(retrieval_build[0]["build_dir"]) / "model.fp32.onnx"
@@ -235,6 +235,8 @@ def test_bad_retrieval_and_baseline_settings_exit_2(tiny_bert, retrieval_build, 
         ([str(tiny_bert), "--embedding-precision", "int4"], "--embedding-precision int4: choose from int8, binary"),
         ([str(onnx_file), "--tokenizer", str(onnx_file.parent / "tokenizer"), "--torch-baseline"],
          "--torch-baseline measures PyTorch's dynamic int8 of a Hugging Face"),
+        # a classifier's output is logits: ranking documents by them would measure nothing
+        ([str(tiny_classifier), "--eval", str(retrieval_build[1])], "is a text classifier (its output is class logits)"),
     ]:
         r = subprocess.run([sys.executable, "-m", "edgeq", "build", *args, "--out", str(tmp_path)],
                            capture_output=True, text=True)
