@@ -290,7 +290,6 @@ def _qat(ctx: BuildContext) -> tuple[dict, dict]:
     return s, {**m, "qat_seconds": seconds}
 
 
-# mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
 def _qdq(ctx: BuildContext) -> tuple[dict, dict]:
     """int8-qdq: the user's own Q/DQ model (a QAT export, say) as given: the same nodes, scales and
     zero points (the user's decisions). Only a weight stored as float and quantized at every load
@@ -316,4 +315,5 @@ def _qdq(ctx: BuildContext) -> tuple[dict, dict]:
     return settings, {"size_bytes": model_size_bytes(out)}
 
 
+# mode -> the function making its artifact, in build order (the registry's `makes` for this stage)
 MODES = {"static": _static, "dynamic": _dynamic, "qat": _qat, "qdq": _qdq, "int4": _int4, "nf4": _nf4}
