@@ -113,7 +113,7 @@ def test_onnxruntime_qdq_model_with_int8_weights(qdq_build, tmp_path):
     by = {a["name"]: a for a in m["artifacts"]}
     assert set(by) == {"fp32", "int8-qdq"}
     recipe = by["int8-qdq"]["recipe"]
-    assert recipe["weights_quantized_at_build"] == 0
+    assert by["int8-qdq"]["precision"] == "int8" and recipe["weights_quantized_at_build"] == 0
     assert set(recipe["activation_types"]) == {"int8"} and recipe["activation_symmetric"] is True
     assert _scales(onnx.load(str(Path(m["build_dir"]) / "model.int8-qdq.onnx"))) == _scales(onnx.load(str(src / "model.onnx")))
     export = next(s for s in m["stages"] if s["stage"] == "export")
@@ -149,3 +149,40 @@ def test_quantized_inputs_refused_exit_2(qat_export, qdq_build, tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not list(out.rglob("manifest.json")) and not list(out.rglob("*.onnx"))
+
+
+def test_float_reference_keeps_the_relu_the_quantizer_folded(tmp_path):
+    """ONNX Runtime's QDQ quantizer drops a Conv's ReLU6 when the output's range is [0, 6]: the Q/DQ
+    pair then does the clamping, and the float reference must keep it (as a Clip), or it computes
+    another function. Biases are int32 there, counted apart from the weights."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from tiny_cnn import factory
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    float_path, qdq_path = tmp_path / "cnn.onnx", tmp_path / "cnn-qdq.onnx"
+    with torch.no_grad():
+        torch.onnx.export(factory(), x[:1], str(float_path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x.numpy()}])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    given = onnx.load(str(qdq_path))
+    assert "Clip" not in {n.op_type for n in given.graph.node}  # folded into the Q/DQ ranges
+    facts = qdq.describe(given)
+    assert facts["quantized_biases"] == 4 and facts["weight_types"] == {"int8": 4}
+    stripped, counts = qdq.strip(given)
+    onnx.checker.check_model(stripped)
+    assert counts["clamping_pairs"] >= 3  # the three ReLU6 outputs at least
+    assert not {n.op_type for n in stripped.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    feeds = {"input": x.numpy()}
+    ref, got, quantized = _run(float_path, feeds), _run(stripped, feeds), _run(given, feeds)
+    # de-quantized weights: closer to the float model than the Q/DQ model is, and not equal to it
+    assert 0 < np.abs(got - ref).max() < np.abs(quantized - ref).max()

@@ -4,7 +4,8 @@ QuantizeLinear/DequantizeLinear): its float reference, and what its quantization
 The build keeps the given graph as it is (artifact `int8-qdq`, its scales respected) and needs a
 float model beside it, for the fp32 artifact every artifact is compared with and for any other mode
 built from it. `strip` makes that model by taking the Q/DQ nodes out: an activation's
-QuantizeLinear -> DequantizeLinear pair becomes the float tensor it quantized, a weight's
+QuantizeLinear -> DequantizeLinear pair becomes the float tensor it quantized (clamped where its
+range starts at 0, the ReLU/ReLU6 ONNX Runtime's quantizer folds into such a range), a weight's
 DequantizeLinear of a constant becomes a float constant (its de-quantized values: the weights the
 Q/DQ model computes with), and a weight's QuantizeLinear -> DequantizeLinear of a float constant
 (what torch.onnx writes for a fake-quantized weight) becomes that float constant (the latent QAT
@@ -84,9 +85,24 @@ def unstrippable(model) -> str | None:
     return None
 
 
+def _range_floor(q, consts) -> tuple[float, float] | None:
+    """(0, top of the range) for a QuantizeLinear whose range starts at 0 (zero point at the bottom
+    of its integer type: everything below 0 saturates), else None."""
+    scale = consts.get(q.input[1])
+    zp = consts.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    if scale is None or scale.size != 1:
+        return None
+    info = np.iinfo(zp.dtype if zp is not None else np.uint8)
+    z = int(zp.reshape(-1)[0]) if zp is not None else 0
+    if z != info.min:
+        return None
+    return 0.0, float((info.max - z) * float(scale.reshape(-1)[0]))
+
+
 def strip(model):
     """A copy of the Q/DQ `model` with every QuantizeLinear/DequantizeLinear taken out (module
-    docstring), and how many of each kind: {"activation_pairs", "float_weights", "dequantized_weights"}.
+    docstring), and how many of each kind: {"activation_pairs", "clamping_pairs", "float_weights",
+    "dequantized_weights"}.
     Raises NotStrippable for a graph `unstrippable` names a reason for."""
     import onnx
     from onnx import helper, numpy_helper
@@ -100,14 +116,24 @@ def strip(model):
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}  # a DequantizeLinear's output -> the float tensor that replaces it
-    new_inits, drop = [], set()
+    new_inits, drop, clips = [], set(), []
     counts = Counter()
     for n in g.node:
         if n.op_type == "QuantizeLinear":
             drop.add(id(n))
         elif n.op_type == "DequantizeLinear":
             q = producer.get(n.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
+            floor = _range_floor(q, consts) if q is not None and q.op_type == "QuantizeLinear" else None
+            if floor is not None and q.input[0] not in consts:
+                # the range starts at 0: the pair also clamps, as the ReLU or ReLU6 that ONNX Runtime's
+                # QDQ quantizer removes when its output range implies it -- keep the clamp, or the
+                # reference computes a different function
+                lo, hi = floor
+                names = [f"{n.output[0]}/clip_{k}" for k in ("min", "max")]
+                new_inits += [numpy_helper.from_array(np.array(v, np.float32), nm) for v, nm in zip((lo, hi), names)]
+                clips.append(helper.make_node("Clip", [q.input[0], *names], [n.output[0]], name=f"{n.output[0]}/clip"))
+                counts["clamping_pairs"] += 1
+            elif q is not None and q.op_type == "QuantizeLinear":
                 rename[n.output[0]] = q.input[0]
                 counts["float_weights" if q.input[0] in consts else "activation_pairs"] += 1
             else:  # a constant (unstrippable checked)
@@ -122,7 +148,13 @@ def strip(model):
             name = rename[name]
         return name
 
-    kept = [n for n in g.node if id(n) not in drop]
+    by_output = {c.output[0]: c for c in clips}
+    kept = []
+    for n in g.node:  # a Clip where its DequantizeLinear was: the order stays topological
+        if id(n) not in drop:
+            kept.append(n)
+        elif n.output[0] in by_output:
+            kept.append(by_output[n.output[0]])
     for n in kept:
         for k, i in enumerate(n.input):
             if i in rename:
@@ -189,11 +221,12 @@ def fold_weights(model) -> tuple[object, int]:
 
 def describe(model) -> dict:
     """What a Q/DQ model's quantization is, from its own nodes: counts, the integer types of
-    activations and weights, whether weight scales are per channel and zero points symmetric."""
+    activations and weights, how many biases are quantized (int32), whether weight scales are per
+    channel and zero points symmetric."""
     consts = _constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     ops = Counter(n.op_type for n in model.graph.node)
-    act, wts = Counter(), Counter()
+    act, wts, biases = Counter(), Counter(), 0
     per_channel, symmetric_w, symmetric_a = set(), set(), set()
     for n in model.graph.node:
         if n.op_type != "DequantizeLinear":
@@ -206,7 +239,9 @@ def describe(model) -> dict:
         scale = consts.get(n.input[1])
         # symmetric: zero point 0 (int types) or the middle of the range (128 for uint8)
         sym = zp is None or bool(np.all(zp.astype(np.int64) == (128 if dtype == "uint8" else 0)))
-        if weight:
+        if weight and dtype == "int32":  # a bias, quantized with the input's scale times the weight's
+            biases += 1
+        elif weight:
             wts[dtype] += 1
             per_channel.add(scale is not None and scale.size > 1)
             symmetric_w.add(sym)
@@ -218,6 +253,6 @@ def describe(model) -> dict:
         return next(iter(s)) if len(s) == 1 else "mixed" if s else None
 
     return {"quantize_linear": ops.get("QuantizeLinear", 0), "dequantize_linear": ops.get("DequantizeLinear", 0),
-            "activation_types": dict(act), "weight_types": dict(wts),
+            "activation_types": dict(act), "weight_types": dict(wts), "quantized_biases": biases,
             "weight_per_channel": one(per_channel), "weight_symmetric": one(symmetric_w),
             "activation_symmetric": one(symmetric_a)}
