@@ -186,3 +186,86 @@ def test_float_reference_keeps_the_relu_the_quantizer_folded(tmp_path):
     ref, got, quantized = _run(float_path, feeds), _run(stripped, feeds), _run(given, feeds)
     # de-quantized weights: closer to the float model than the Q/DQ model is, and not equal to it
     assert 0 < np.abs(got - ref).max() < np.abs(quantized - ref).max()
+
+
+def _graph(nodes, inits, outputs=("y",), opset=17, inputs=(("x", [1, 3]),), extra_inputs=()):
+    from onnx import TensorProto, numpy_helper
+
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs] + list(extra_inputs)
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["a", "b"]) for o in outputs]
+    g = helper.make_graph(nodes, "g", ins, outs, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _same(model, x) -> tuple[np.ndarray, np.ndarray]:
+    stripped, _ = qdq.strip(model)
+    onnx.checker.check_model(stripped)
+    return _run(stripped, {"x": x}), x
+
+
+def test_strip_on_hand_built_graphs():
+    s, z = np.float32(0.1), np.uint8(128)
+    x = np.array([[-3.0, 0.5, 3.0]], np.float32)
+    # a DequantizeLinear output that is a graph output, and one Q read by two DQs
+    m = _graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+                helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d2"]),
+                helper.make_node("Relu", ["d2"], ["y2"])], {"s": s, "z": z}, outputs=("y", "y2"))
+    stripped, counts = qdq.strip(m)
+    got = ort.InferenceSession(stripped.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], x)
+    np.testing.assert_array_equal(got[1], np.maximum(x, 0))
+    assert counts == {"activation_pairs": 2} and not stripped.graph.initializer  # scales pruned
+    # the range 0..127 of a QAT fake quantization: torch.onnx writes Q -> Clip(0, 127) -> DQ; kept as a clamp
+    m = _graph([helper.make_node("QuantizeLinear", ["x", "s", "z0"], ["q"]),
+                helper.make_node("Clip", ["q", "lo", "hi"], ["c"]),
+                helper.make_node("DequantizeLinear", ["c", "s", "z0"], ["y"])],
+               {"s": s, "z0": np.uint8(0), "lo": np.uint8(0), "hi": np.uint8(127)})
+    got, _ = _same(m, np.array([[-1.0, 5.0, 20.0]], np.float32))
+    np.testing.assert_allclose(got, [[0.0, 5.0, 12.7]], rtol=1e-6)
+    # opset 21's output_dtype, no zero point: int8 around 0, not uint8 from 0 (no clamp)
+    m = _graph([helper.make_node("QuantizeLinear", ["x", "s"], ["q"], output_dtype=onnx.TensorProto.INT8),
+                helper.make_node("DequantizeLinear", ["q", "s"], ["y"])], {"s": s}, opset=21)
+    got, x0 = _same(m, x)
+    np.testing.assert_array_equal(got, x0)
+    assert qdq.describe(m)["activation_types"] == {"int8": 1} and qdq.describe(m)["activation_symmetric"] is True
+    # a per-channel int8 weight on a non-square matrix, listed as a graph input too (old exporters):
+    # de-quantized exactly as ONNX Runtime's DequantizeLinear does, and the input entry goes with it
+    w = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+    ws = np.array([0.5, 0.25, 0.125, 2.0], np.float32)
+    wz = np.array([0, 1, -1, 2], np.int8)
+    winput = helper.make_tensor_value_info("w", onnx.TensorProto.INT8, [3, 4])
+    m = _graph([helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"], axis=1),
+                helper.make_node("MatMul", ["x", "wf"], ["y"])], {"w": w, "ws": ws, "wz": wz}, extra_inputs=[winput])
+    stripped, counts = qdq.strip(m)
+    assert counts == {"dequantized_weights": 1} and [i.name for i in stripped.graph.input] == ["x"]
+    dq = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["o"], axis=1)], "dq", [],
+        [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [3, 4])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in {"w": w, "ws": ws, "wz": wz}.items()]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    from onnx import numpy_helper
+    ort_values = ort.InferenceSession(dq.SerializeToString()).run(None, {})[0]
+    np.testing.assert_array_equal(numpy_helper.to_array(next(i for i in stripped.graph.initializer if i.name == "wf")),
+                                  ort_values)
+
+
+def test_unstrippable_graphs_are_named():
+    s, z = np.float32(0.1), np.uint8(128)
+    cases = {
+        "differs from its QuantizeLinear's": _graph(
+            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s2", "z"], ["y"])], {"s": s, "s2": np.float32(0.2), "z": z}),
+        "is not a constant": _graph(
+            [helper.make_node("Constant", [], ["zc"], value=onnx.numpy_helper.from_array(np.int32(128))),
+             helper.make_node("Cast", ["zc"], ["zz"], to=onnx.TensorProto.UINT8),
+             helper.make_node("QuantizeLinear", ["x", "s", "zz"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zz"], ["y"])], {"s": s}),
+        "opset 12": _graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], {"s": s, "z": z}, opset=12),
+        "is read by Relu": _graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                                   helper.make_node("Relu", ["q"], ["y"])], {"s": s, "z": z}),
+    }
+    for message, model in cases.items():
+        why = qdq.unstrippable(model)
+        assert why and message in why, (message, why)

@@ -25,16 +25,22 @@ class NotStrippable(ValueError):
     """The Q/DQ graph has a quantized tensor that no float tensor stands for."""
 
 
+_INT_TYPES = {"int8", "uint8", "int16", "uint16"}  # and int32, for a bias's DequantizeLinear
+
+
 def _constants(model) -> dict:
     """name -> numpy array of the graph's initializers and Constant nodes' values."""
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:  # topological: an Identity's constant input is known before it
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = numpy_helper.to_array(a.t)
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.attribute:
+            a = n.attribute[0]
+            if a.name == "value":
+                out[n.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                v = helper.get_attribute_value(a)
+                out[n.output[0]] = np.array(v, np.float32 if "float" in a.name else np.int64)
         elif n.op_type == "Identity" and n.input[0] in out:  # torch.onnx shares equal constants through Identity
             out[n.output[0]] = out[n.input[0]]
     return out
@@ -44,6 +50,33 @@ def _attr(node, name, default):
     from onnx import helper
 
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _int_type(node, consts, producer=None) -> np.dtype:
+    """The integer type of a Q/DQ node's quantized side: its zero point's type, else a
+    QuantizeLinear's output_dtype (opset 21), else what feeds a DequantizeLinear, else uint8."""
+    from onnx import helper
+
+    zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if zp in consts:
+        return consts[zp].dtype
+    if node.op_type == "QuantizeLinear":
+        t = _attr(node, "output_dtype", 0)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(t)) if t else np.dtype(np.uint8)
+    if node.input[0] in consts:
+        return consts[node.input[0]].dtype
+    src = (producer or {}).get(node.input[0])
+    if src is not None and src.op_type == "Clip":
+        src = producer.get(src.input[0])
+    return _int_type(src, consts) if src is not None and src.op_type == "QuantizeLinear" else np.dtype(np.uint8)
+
+
+def _params(node, consts, producer=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scale, zero point (zeros of the node's integer type where none is given), axis)."""
+    scale = consts[node.input[1]]
+    zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    zp = consts[zp_name] if zp_name else np.zeros(scale.shape, _int_type(node, consts, producer))
+    return scale, zp, int(_attr(node, "axis", 1))
 
 
 def dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
@@ -57,53 +90,113 @@ def dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     return ((x - zp) * scale.astype(np.float32)).astype(np.float32)
 
 
+def _int_clip(node, consts, readers) -> bool:
+    """An integer Clip with constant bounds between a QuantizeLinear and DequantizeLinears (what
+    torch.onnx writes for a fake quantization to a narrower range, such as 0..127)."""
+    return (node.op_type == "Clip" and all(i in consts for i in node.input[1:] if i)
+            and bool(readers.get(node.output[0])) and all(r.op_type == "DequantizeLinear" for r in readers[node.output[0]]))
+
+
 def unstrippable(model) -> str | None:
-    """Why `strip` cannot take the Q/DQ nodes of `model` out (None where it can): a quantized
-    tensor read by anything but a DequantizeLinear, a DequantizeLinear reading neither a constant nor
-    a QuantizeLinear's output, or one with a non-constant scale or blocked quantization."""
+    """Why `strip` cannot take the Q/DQ nodes of `model` out (None where it can): control flow,
+    opset below 13, a scale or zero point that is not a constant, a type other than (u)int8/(u)int16
+    (int32 for biases), float16 scales, blocked quantization, a quantized tensor read by anything but
+    a DequantizeLinear (through an integer Clip at most), a DequantizeLinear reading neither a
+    constant nor a QuantizeLinear, or a pair whose two halves disagree on scale or zero point."""
+    from onnx import AttributeProto
+
+    g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        return f"opset {opset}: Q/DQ models of opset 13 or later are supported"
+    flow = next((n for n in g.node if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in n.attribute)), None)
+    if flow is not None:
+        return f"{flow.op_type} {flow.name or flow.output[0]}: control flow (subgraphs) is not supported"
     consts = _constants(model)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = {o: n for n in g.node for o in n.output}
     readers: dict[str, list] = {}
-    for n in model.graph.node:
+    for n in g.node:
         for i in n.input:
-            readers.setdefault(i, []).append(n.op_type)
-    outputs = {o.name for o in model.graph.output}
-    for n in model.graph.node:
-        label = n.name or n.output[0]
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    for n in g.node:
+        if n.op_type not in QDQ_OPS:
+            continue
+        label = f"{n.op_type} {n.name or n.output[0]}"
+        zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        if n.input[1] not in consts or (zp and zp not in consts):
+            return f"{label}: its scale or zero point is not a constant"
+        if consts[n.input[1]].dtype != np.float32:
+            return f"{label}: {consts[n.input[1]].dtype} scales are not supported (float32 only)"
+        if _attr(n, "block_size", 0):
+            return f"{label}: blocked quantization is not supported"
+        kind = str(_int_type(n, consts, producer))
+        if kind not in _INT_TYPES and not (kind == "int32" and n.op_type == "DequantizeLinear" and n.input[0] in consts):
+            return f"{label}: {kind} quantization is not supported ((u)int8 and (u)int16)"
         if n.op_type == "QuantizeLinear":
-            other = sorted({r for r in readers.get(n.output[0], []) if r != "DequantizeLinear"})
+            rs = readers.get(n.output[0], [])
+            other = sorted({r.op_type for r in rs if r.op_type != "DequantizeLinear" and not _int_clip(r, consts, readers)})
             if other or n.output[0] in outputs:
-                return f"QuantizeLinear {label}: its integer output is read by {', '.join(other) or 'a graph output'}"
-        elif n.op_type == "DequantizeLinear":
-            q = producer.get(n.input[0])
-            if _attr(n, "block_size", 0):
-                return f"DequantizeLinear {label}: blocked quantization is not supported"
-            if not (q is not None and q.op_type == "QuantizeLinear") and n.input[0] not in consts:
-                return f"DequantizeLinear {label}: it reads {n.input[0]!r}, neither a constant nor a QuantizeLinear's output"
-            if n.input[0] in consts and n.input[1] not in consts:
-                return f"DequantizeLinear {label}: its scale is not a constant"
+                return f"{label}: its integer output is read by {', '.join(other) or 'a graph output'}"
+            continue
+        q = producer.get(n.input[0])
+        if q is not None and q.op_type == "Clip" and _int_clip(q, consts, readers):
+            q = producer.get(q.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            if n.input[0] not in consts:
+                return f"{label}: it reads {n.input[0]!r}, neither a constant nor a QuantizeLinear's output"
+            continue
+        (qs, qz, qa), (ds, dz, da) = _params(q, consts, producer), _params(n, consts, producer)
+        same_axis = qa == da or qs.size == 1
+        if qs.shape != ds.shape or not np.array_equal(qs, ds) or not np.array_equal(qz, dz) or not same_axis:
+            return f"{label}: its scale or zero point differs from its QuantizeLinear's"
     return None
 
 
-def _range_floor(q, consts) -> tuple[float, float] | None:
-    """(0, top of the range) for a QuantizeLinear whose range starts at 0 (zero point at the bottom
-    of its integer type: everything below 0 saturates), else None."""
-    scale = consts.get(q.input[1])
-    zp = consts.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
-    if scale is None or scale.size != 1:
+def _clamp(q, clip, consts, producer) -> tuple[float, float] | None:
+    """The float range a per-tensor Q -> [integer Clip ->] DQ pair clamps to, where it clamps more
+    than a float tensor's own range would suggest: always after an integer Clip, else where the
+    range starts at 0 (zero point at the bottom of the type: the ReLU/ReLU6 that ONNX Runtime's
+    QDQ quantizer folds into such a range and deletes). None otherwise."""
+    scale, zp, _ = _params(q, consts, producer)
+    if scale.size != 1:
         return None
-    info = np.iinfo(zp.dtype if zp is not None else np.uint8)
-    z = int(zp.reshape(-1)[0]) if zp is not None else 0
-    if z != info.min:
+    info = np.iinfo(zp.dtype)
+    lo, hi, z, s = info.min, info.max, int(zp.reshape(-1)[0]), float(scale.reshape(-1)[0])
+    if clip is not None:
+        bounds = [consts[i] if i else None for i in (list(clip.input[1:]) + ["", ""])[:2]]
+        lo = max(lo, int(bounds[0].reshape(-1)[0])) if bounds[0] is not None else lo
+        hi = min(hi, int(bounds[1].reshape(-1)[0])) if bounds[1] is not None else hi
+    elif z != info.min:
         return None
-    return 0.0, float((info.max - z) * float(scale.reshape(-1)[0]))
+    return float((lo - z) * s), float((hi - z) * s)
+
+
+def _prune(g) -> None:
+    """Remove, until none is left, Constant and Identity nodes nothing reads and initializers
+    nothing reads (with their graph-input entries, where a model lists initializers as inputs)."""
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("Constant", "Identity") and not set(n.output) & used]
+        unread = [i for i in g.initializer if i.name not in used]
+        if not dead and not unread:
+            break
+        keep = [n for n in g.node if n not in dead]
+        del g.node[:]
+        g.node.extend(keep)
+        gone = {i.name for i in unread}
+        inits = [i for i in g.initializer if i.name not in gone]
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        inputs = [i for i in g.input if i.name not in gone]
+        del g.input[:]
+        g.input.extend(inputs)
 
 
 def strip(model):
     """A copy of the Q/DQ `model` with every QuantizeLinear/DequantizeLinear taken out (module
     docstring), and how many of each kind: {"activation_pairs", "clamping_pairs", "float_weights",
-    "dequantized_weights"}.
-    Raises NotStrippable for a graph `unstrippable` names a reason for."""
+    "dequantized_weights"}. Raises NotStrippable for a graph `unstrippable` names a reason for."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -114,65 +207,52 @@ def strip(model):
     g = model.graph
     consts = _constants(model)
     producer = {o: n for n in g.node for o in n.output}
-    outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}  # a DequantizeLinear's output -> the float tensor that replaces it
-    new_inits, drop, clips = [], set(), []
+    new_inits, drop, clips = [], set(), {}
     counts = Counter()
     for n in g.node:
         if n.op_type == "QuantizeLinear":
             drop.add(id(n))
         elif n.op_type == "DequantizeLinear":
-            q = producer.get(n.input[0])
-            floor = _range_floor(q, consts) if q is not None and q.op_type == "QuantizeLinear" else None
-            if floor is not None and q.input[0] not in consts:
-                # the range starts at 0: the pair also clamps, as the ReLU or ReLU6 that ONNX Runtime's
-                # QDQ quantizer removes when its output range implies it -- keep the clamp, or the
-                # reference computes a different function
-                lo, hi = floor
-                names = [f"{n.output[0]}/clip_{k}" for k in ("min", "max")]
-                new_inits += [numpy_helper.from_array(np.array(v, np.float32), nm) for v, nm in zip((lo, hi), names)]
-                clips.append(helper.make_node("Clip", [q.input[0], *names], [n.output[0]], name=f"{n.output[0]}/clip"))
-                counts["clamping_pairs"] += 1
-            elif q is not None and q.op_type == "QuantizeLinear":
-                rename[n.output[0]] = q.input[0]
-                counts["float_weights" if q.input[0] in consts else "activation_pairs"] += 1
-            else:  # a constant (unstrippable checked)
-                zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-                values = dequantize(consts[n.input[0]], consts[n.input[1]], zp, int(_attr(n, "axis", 1)))
+            drop.add(id(n))
+            q, clip = producer.get(n.input[0]), None
+            if q is not None and q.op_type == "Clip":
+                clip, q = q, producer.get(q.input[0])
+                drop.add(id(clip))
+            if q is None or q.op_type != "QuantizeLinear":  # a constant (unstrippable checked)
+                scale, zp, axis = _params(n, consts, producer)
+                values = dequantize(consts[n.input[0]], scale, zp, axis)
                 new_inits.append(numpy_helper.from_array(values, n.output[0]))
                 counts["dequantized_weights"] += 1
-            drop.add(id(n))
+                continue
+            span = None if q.input[0] in consts else _clamp(q, clip, consts, producer)
+            if span is None:
+                rename[n.output[0]] = q.input[0]
+                counts["float_weights" if q.input[0] in consts else "activation_pairs"] += 1
+                continue
+            names = [f"{n.output[0]}/clip_{k}" for k in ("min", "max")]
+            new_inits += [numpy_helper.from_array(np.array(v, np.float32), nm) for v, nm in zip(span, names)]
+            clips[id(n)] = helper.make_node("Clip", [q.input[0], *names], [n.output[0]], name=f"{n.output[0]}/clip")
+            counts["clamping_pairs"] += 1
 
     def resolve(name: str) -> str:
         while name in rename:
             name = rename[name]
         return name
 
-    by_output = {c.output[0]: c for c in clips}
-    kept = []
-    for n in g.node:  # a Clip where its DequantizeLinear was: the order stays topological
-        if id(n) not in drop:
-            kept.append(n)
-        elif n.output[0] in by_output:
-            kept.append(by_output[n.output[0]])
+    # a Clip where its DequantizeLinear was: the order stays topological
+    kept = [clips.get(id(n), n) for n in g.node if id(n) not in drop or id(n) in clips]
     for n in kept:
         for k, i in enumerate(n.input):
             if i in rename:
                 n.input[k] = resolve(i)
     # a graph output that was a DequantizeLinear's output keeps its name through an Identity
-    extra = [helper.make_node("Identity", [resolve(o)], [o], name=f"{o}/qdq_removed")
-             for o in outputs if o in rename]
+    extra = [helper.make_node("Identity", [resolve(o.name)], [o.name], name=f"{o.name}/qdq_removed")
+             for o in g.output if o.name in rename]
     del g.node[:]
     g.node.extend(kept + extra)
     g.initializer.extend(new_inits)
-    used = {i for n in g.node for i in n.input} | outputs
-    # Constant nodes and initializers only the removed nodes read (scales, zero points, int8 weights)
-    live = [n for n in g.node if not (n.op_type in ("Constant", "Identity") and not set(n.output) & used)]
-    del g.node[:]
-    g.node.extend(live)
-    inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    _prune(g)  # scales, zero points, int8 weights: read only by the removed nodes
     del g.value_info[:]  # shapes of removed tensors; shape inference writes them again
     return model, dict(counts)
 
@@ -199,9 +279,9 @@ def fold_weights(model) -> tuple[object, int]:
         names = [f"i{k}" for k in range(len(n.input))]
         node = helper.make_node("QuantizeLinear", [nm if i else "" for nm, i in zip(names, n.input)], ["y"])
         node.attribute.extend(n.attribute)
+        out_type = helper.np_dtype_to_tensor_dtype(_int_type(n, consts))
         one = helper.make_model(helper.make_graph(
-            [node], "fold", [], [helper.make_tensor_value_info("y", numpy_helper.from_array(consts[inputs[-1]]).data_type
-                                                               if len(inputs) > 2 else onnx.TensorProto.UINT8, None)],
+            [node], "fold", [], [helper.make_tensor_value_info("y", out_type, None)],
             [numpy_helper.from_array(consts[i], nm) for nm, i in zip(names, n.input) if i]),
             opset_imports=[helper.make_opsetid("", max(opset, 13))], ir_version=model.ir_version)
         y = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
@@ -209,13 +289,7 @@ def fold_weights(model) -> tuple[object, int]:
     del model.graph.node[:]
     model.graph.node.extend(kept)
     model.graph.initializer.extend(folded)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    inits = [i for i in model.graph.initializer if i.name in used]  # the float weights, now unread
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-    live = [n for n in model.graph.node if not (n.op_type in ("Constant", "Identity") and not set(n.output) & used)]
-    del model.graph.node[:]
-    model.graph.node.extend(live)
+    _prune(model.graph)  # the float weights, now unread
     return model, len(folded)
 
 
@@ -229,21 +303,22 @@ def describe(model) -> dict:
     act, wts, biases = Counter(), Counter(), 0
     per_channel, symmetric_w, symmetric_a = set(), set(), set()
     for n in model.graph.node:
-        if n.op_type != "DequantizeLinear":
+        if n.op_type != "DequantizeLinear" or n.input[1] not in consts:
             continue
         q = producer.get(n.input[0])
+        if q is not None and q.op_type == "Clip":
+            q = producer.get(q.input[0])
         weight = n.input[0] in consts or (q is not None and q.op_type == "QuantizeLinear" and q.input[0] in consts)
-        zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-        zp = consts.get(zp_name) if zp_name else None
-        dtype = str(zp.dtype) if zp is not None else str(consts[n.input[0]].dtype) if n.input[0] in consts else "uint8"
-        scale = consts.get(n.input[1])
-        # symmetric: zero point 0 (int types) or the middle of the range (128 for uint8)
-        sym = zp is None or bool(np.all(zp.astype(np.int64) == (128 if dtype == "uint8" else 0)))
+        scale, zp, _ = _params(n, consts, producer)
+        dtype = str(zp.dtype)
+        # symmetric: zero point 0 (signed types) or the middle of the range (unsigned)
+        mid = (np.iinfo(zp.dtype).max + 1) // 2 if dtype.startswith("u") else 0
+        sym = bool(np.all(zp.astype(np.int64) == mid))
         if weight and dtype == "int32":  # a bias, quantized with the input's scale times the weight's
             biases += 1
         elif weight:
             wts[dtype] += 1
-            per_channel.add(scale is not None and scale.size > 1)
+            per_channel.add(scale.size > 1)
             symmetric_w.add(sym)
         else:
             act[dtype] += 1
