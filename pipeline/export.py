@@ -206,7 +206,8 @@ def _float_reference(ctx: BuildContext) -> dict:
                          f"{_first_line(e)}") from None
     onnx.save(stripped, str(exported))
     return {**counts, "how": "the given Q/DQ graph with its QuantizeLinear/DequantizeLinear nodes taken out: "
-                              "activation pairs become the float tensor, weights their float (or de-quantized) values"}
+                              "activation pairs become the float tensor (a Clip where the pair's range clamps: "
+                              "from 0, or narrowed by an integer Clip), weights their float (or de-quantized) values"}
 
 
 def _save_tokenizer(ctx: BuildContext, model_dir: Path, required: bool) -> None:
