@@ -324,10 +324,11 @@ def describe(model) -> dict:
             act[dtype] += 1
             symmetric_a.add(sym)
 
-    def one(s):
+    def one(s):  # per-channel: "mixed" where some weights are and some are not
         return next(iter(s)) if len(s) == 1 else "mixed" if s else None
 
+    # symmetric only where every zero point is (an asymmetric range can land on the middle by chance)
     return {"quantize_linear": ops.get("QuantizeLinear", 0), "dequantize_linear": ops.get("DequantizeLinear", 0),
             "activation_types": dict(act), "weight_types": dict(wts), "quantized_biases": biases,
-            "weight_per_channel": one(per_channel), "weight_symmetric": one(symmetric_w),
-            "activation_symmetric": one(symmetric_a)}
+            "weight_per_channel": one(per_channel), "weight_symmetric": all(symmetric_w) if symmetric_w else None,
+            "activation_symmetric": all(symmetric_a) if symmetric_a else None}
