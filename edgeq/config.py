@@ -314,12 +314,16 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
                              f"(they get {', '.join(LM_ALLOWED)}: a decoder's activation ranges are not calibrated)")
     # A Q/DQ .onnx (a QAT export, say) is built as `int8-qdq`, kept as it is, beside its float
     # reference (pipeline/ops/qdq.py); other modes asked for are built from that reference.
-    given_qdq = kind == "onnx" and intake.quantized_form(model_path) == "qdq"
+    if kind == "onnx":  # already through onnx.checker (intake.family); read once for the checks below
+        import onnx
+
+        onnx_proto = onnx.load(str(model_path), load_external_data=False)
+    given_qdq = kind == "onnx" and intake.quantized_form(onnx_proto, model_path.name) == "qdq"
     if "qdq" in modes and not given_qdq:
         raise EdgeqError("--mode qdq keeps a Q/DQ model as it is given: it needs an .onnx with "
                          f"QuantizeLinear/DequantizeLinear nodes, and {model_path.name if kind != 'module' else model} has none")
     if given_qdq:
-        intake.check_qdq(model_path)
+        intake.check_qdq(onnx_proto, model_path.name)
         if family == "causal-lm":
             raise EdgeqError(f"{model_path.name} is a Q/DQ causal LM: edgeq builds causal LMs from float weights "
                              "(dynamic int8, int4); give it the float model")
@@ -418,9 +422,7 @@ def resolve_config(model: str | None = None, target: str | None = None, modes: t
         if family == "causal-lm":
             raise EdgeqError("--output is for encoders and image models: a causal LM is evaluated on its logits")
         if kind == "onnx":
-            import onnx
-
-            outs = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+            outs = [o.name for o in onnx_proto.graph.output]
             if output not in outs:
                 raise EdgeqError(f"--output {output!r}: {model_path.name} has no such output (it has: {', '.join(outs)})")
     _at_least("--new-tokens", new_tokens, 1)  # an option of every build, used by causal LMs

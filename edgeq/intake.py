@@ -126,43 +126,44 @@ def family(model_path: Path, kind: str) -> str:
     return "encoder"
 
 
-# Operators that compute on integers or packed low-bit weights: a model holding them was quantized
-# by some tool already, and edgeq cannot recover its float model (a Q/DQ model it can: pipeline/ops/qdq.py)
-PREQUANTIZED_OPS = ("QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConv",
-                    "ConvInteger", "QEmbedLayerNormalization", "QGemm", "QLinearAdd", "QLinearMul",
-                    "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "MatMulNBits", "MatMulBnb4",
-                    "GatherBlockQuantized", "DynamicQuantizeLinear")
+# Operators that compute on integers: what `edgeq inspect` counts as int8
+INTEGER_OPS = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConv",
+               "ConvInteger", "QEmbedLayerNormalization", "QGemm", "QLinearAdd", "QLinearMul",
+               "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
+# ...and those with packed low-bit weights or run-time quantization: a model holding any of them was
+# quantized by some tool already, and edgeq cannot recover its float model (a Q/DQ model it can:
+# pipeline/ops/qdq.py)
+PREQUANTIZED_OPS = INTEGER_OPS | {"MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "DynamicQuantizeLinear"}
 
 
-def quantized_form(path: Path) -> str | None:
-    """None for a float .onnx, "qdq" for one with QuantizeLinear/DequantizeLinear nodes (a QAT
-    export, or another tool's static int8 in QDQ format: built as `int8-qdq`, kept as it is); a
-    user error for one with integer operators (QOperator or dynamic int8, int4 weights)."""
-    import onnx
-
-    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+def quantized_form(model, name: str) -> str | None:
+    """None for a float ONNX model (`model`, loaded without external data; `name` its file's),
+    "qdq" for one with QuantizeLinear/DequantizeLinear nodes (a QAT export, or another tool's static
+    int8 in QDQ format: built as `int8-qdq`, kept as it is); a user error for one with integer
+    operators (QOperator or dynamic int8, int4 weights)."""
+    ops = Counter(n.op_type for n in model.graph.node)
     integer = {op: ops[op] for op in PREQUANTIZED_OPS if ops.get(op)}
     if integer:
-        found = ", ".join(f"{k} x{v}" for k, v in sorted(integer.items(), key=lambda kv: -kv[1])[:3])
-        raise EdgeqError(f"{path.name} is already quantized ({found}): edgeq builds from a float model, or from a "
+        found = ", ".join(f"{k} x{v}" for k, v in sorted(integer.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+        raise EdgeqError(f"{name} is already quantized ({found}): edgeq builds from a float model, or from a "
                          "Q/DQ model (QuantizeLinear/DequantizeLinear), which it keeps as it is; give it the float model")
     return "qdq" if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") else None
 
 
-def check_qdq(path: Path) -> None:
-    """A Q/DQ .onnx must be one whose float reference can be made (pipeline/ops/qdq.py), with its
-    weights inside the file: else a user error, before anything is written."""
+def check_qdq(model, name: str) -> None:
+    """A Q/DQ model (loaded without external data) must be one whose float reference can be made
+    (pipeline/ops/qdq.py), with its weights inside the file: else a user error, before anything is
+    written."""
     import onnx
 
     from edgeq.pipeline.ops.qdq import unstrippable
 
-    model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model_tensors(model)):
-        raise EdgeqError(f"{path.name}: a Q/DQ model with external data is not supported "
+        raise EdgeqError(f"{name}: a Q/DQ model with external data is not supported "
                          "(save it with its weights inside the .onnx)")
     why = unstrippable(model)
     if why:
-        raise EdgeqError(f"{path.name}: cannot make the float model of this Q/DQ graph: {why}")
+        raise EdgeqError(f"{name}: cannot make the float model of this Q/DQ graph: {why}")
 
 
 def check_hf_model(model_dir: Path, tokenizer_dir: Path, family: str = "encoder") -> dict:

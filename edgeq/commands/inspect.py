@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.core import EdgeqError, load_manifest
+from edgeq.intake import INTEGER_OPS
 
-INTEGER_OPS = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConv",
-               "ConvInteger", "QEmbedLayerNormalization", "QGemm", "QLinearAdd", "QLinearMul",
-               "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
 CONVERSIONS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"}
 WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "EmbedLayerNormalization", "MatMulNBits",
             "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConv", "ConvInteger",
