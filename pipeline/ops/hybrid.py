@@ -147,21 +147,24 @@ def _restore_missing(model, fp32_model) -> None:
                 raise ValueError(f"hybrid: tensor {t} has no producer in the fp32 model either")
 
 
-def prune(model) -> None:
-    """Drop nodes whose outputs nobody reads (and that are not graph outputs), then unused
-    initializers, until nothing changes."""
+def prune(model, op_types=("QuantizeLinear", "DequantizeLinear")) -> None:
+    """Drop nodes of `op_types` whose outputs nobody reads (and that are not graph outputs), until
+    nothing changes, then unused initializers (and their graph-input entries, where a model lists
+    initializers as inputs)."""
     outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | outputs
-        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
+        dead = [n for n in model.graph.node if n.op_type in op_types and not any(o in used for o in n.output)]
         if not dead:
             break
         for n in dead:
             model.graph.node.remove(n)
-    used = {i for n in model.graph.node for i in n.input}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    gone = {i.name for i in model.graph.initializer if i.name not in used}
+    for init in [i for i in model.graph.initializer if i.name in gone]:
         model.graph.initializer.remove(init)
+    for entry in [i for i in model.graph.input if i.name in gone]:
+        model.graph.input.remove(entry)
 
 
 def to_fp16_islands(model, names) -> None:

@@ -18,6 +18,8 @@ from collections import Counter
 
 import numpy as np
 
+from edgeq.pipeline.ops.hybrid import prune
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -97,12 +99,13 @@ def _int_clip(node, consts, readers) -> bool:
             and bool(readers.get(node.output[0])) and all(r.op_type == "DequantizeLinear" for r in readers[node.output[0]]))
 
 
-def unstrippable(model) -> str | None:
+def unstrippable(model, consts: dict | None = None) -> str | None:
     """Why `strip` cannot take the Q/DQ nodes of `model` out (None where it can): control flow,
     opset below 13, a scale or zero point that is not a constant, a type other than (u)int8/(u)int16
     (int32 for biases), float16 scales, blocked quantization, a quantized tensor read by anything but
     a DequantizeLinear (through an integer Clip at most), a DequantizeLinear reading neither a
-    constant nor a QuantizeLinear, or a pair whose two halves disagree on scale or zero point."""
+    constant nor a QuantizeLinear, or a pair whose two halves disagree on scale or zero point.
+    `consts`: the model's _constants, where the caller has them."""
     from onnx import AttributeProto
 
     g = model.graph
@@ -112,7 +115,7 @@ def unstrippable(model) -> str | None:
     flow = next((n for n in g.node if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in n.attribute)), None)
     if flow is not None:
         return f"{flow.op_type} {flow.name or flow.output[0]}: control flow (subgraphs) is not supported"
-    consts = _constants(model)
+    consts = _constants(model) if consts is None else consts
     producer = {o: n for n in g.node for o in n.output}
     readers: dict[str, list] = {}
     for n in g.node:
@@ -172,27 +175,6 @@ def _clamp(q, clip, consts, producer) -> tuple[float, float] | None:
     return float((lo - z) * s), float((hi - z) * s)
 
 
-def _prune(g) -> None:
-    """Remove, until none is left, Constant and Identity nodes nothing reads and initializers
-    nothing reads (with their graph-input entries, where a model lists initializers as inputs)."""
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type in ("Constant", "Identity") and not set(n.output) & used]
-        unread = [i for i in g.initializer if i.name not in used]
-        if not dead and not unread:
-            break
-        keep = [n for n in g.node if n not in dead]
-        del g.node[:]
-        g.node.extend(keep)
-        gone = {i.name for i in unread}
-        inits = [i for i in g.initializer if i.name not in gone]
-        del g.initializer[:]
-        g.initializer.extend(inits)
-        inputs = [i for i in g.input if i.name not in gone]
-        del g.input[:]
-        g.input.extend(inputs)
-
-
 def strip(model):
     """A copy of the Q/DQ `model` with every QuantizeLinear/DequantizeLinear taken out (module
     docstring), and how many of each kind: {"activation_pairs", "clamping_pairs", "float_weights",
@@ -200,12 +182,12 @@ def strip(model):
     import onnx
     from onnx import helper, numpy_helper
 
-    why = unstrippable(model)
-    if why:
-        raise NotStrippable(why)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     consts = _constants(model)
+    why = unstrippable(model, consts)
+    if why:
+        raise NotStrippable(why)
     producer = {o: n for n in g.node for o in n.output}
     rename: dict[str, str] = {}  # a DequantizeLinear's output -> the float tensor that replaces it
     new_inits, drop, clips = [], set(), {}
@@ -252,7 +234,7 @@ def strip(model):
     del g.node[:]
     g.node.extend(kept + extra)
     g.initializer.extend(new_inits)
-    _prune(g)  # scales, zero points, int8 weights: read only by the removed nodes
+    prune(model, ("Constant", "Identity"))  # scales, zero points, int8 weights: read only by the removed nodes
     del g.value_info[:]  # shapes of removed tensors; shape inference writes them again
     return model, dict(counts)
 
@@ -289,7 +271,7 @@ def fold_weights(model) -> tuple[object, int]:
     del model.graph.node[:]
     model.graph.node.extend(kept)
     model.graph.initializer.extend(folded)
-    _prune(model.graph)  # the float weights, now unread
+    prune(model, ("Constant", "Identity"))  # the float weights, now unread
     return model, len(folded)
 
 
